@@ -1,0 +1,70 @@
+"""8-bit group-wise weight-only linear.
+
+    W[o, i] = q[o, i] * s[o, i // group_size],   q in [-128, 127]  (symmetric, no zero point)
+
+Codes are held group-major, [in/group, out, group] int8, so each group is a contiguous
+[out, group] matrix: on CPU torch's `_weight_int8pack_mm` (a per-row-scale int8 GEMV)
+runs once per group and the partial sums are accumulated in fp32. That beats
+dequantize-then-matmul at decode (a few rows); for more rows the dequantized matmul is
+faster and is used instead (measured in bench/linear_kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Up to this many rows the per-group int8 kernel wins on CPU (bench/linear_kernels.py).
+KERNEL_MAX_ROWS = 2
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(groups, out_features, group_size, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor) -> "Int8Linear":
+        """codes int [out, in] in [-128, 127]; scales [out, in/group]."""
+        groups = self.in_features // self.group_size
+        if codes.shape != (self.out_features, self.in_features) or scales.shape != (self.out_features, groups):
+            raise ValueError(f"codes/scales shapes {tuple(codes.shape)}/{tuple(scales.shape)} do not fit {self}")
+        if codes.numel() and (codes.min() < -128 or codes.max() > 127):
+            raise ValueError("int8 codes must lie in [-128, 127]")
+        device = self.qweight.device
+        self.qweight = codes.to(device, torch.int8).reshape(self.out_features, groups, self.group_size).transpose(0, 1).contiguous()
+        self.scales = scales.to(device, torch.float32).t().contiguous().to(self.scales.dtype)
+        return self
+
+    def codes(self) -> torch.Tensor:
+        """int8 [out, in]."""
+        return self.qweight.transpose(0, 1).reshape(self.out_features, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.qweight.float() * self.scales.float().unsqueeze(-1)          # [groups, out, group]
+        return w.transpose(0, 1).reshape(self.out_features, self.in_features).to(self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        if x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS:
+            xg = x2.reshape(-1, self.qweight.shape[0], self.group_size).transpose(0, 1).contiguous()
+            y = torch._weight_int8pack_mm(xg[0], self.qweight[0], self.scales[0]).float()
+            for g in range(1, self.qweight.shape[0]):
+                y += torch._weight_int8pack_mm(xg[g], self.qweight[g], self.scales[g])
+        else:
+            y = F.linear(x2, self.dequantize())
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
