@@ -1,0 +1,258 @@
+"""Shared helpers for the bench/ scripts: machine info, interleaved timing, tables, results files,
+and a minimal round-to-nearest quantizer for building INT8/INT4 models from random weights.
+
+Timing protocol (the machine these run on is usually shared and noisy):
+  * every variant being compared is timed in the same loop, interleaved A,B,C,B,C,A,... (the
+    starting variant rotates each round so none always runs right after another);
+  * each sample repeats the call enough times to last ~`target_s`;
+  * we report the median sample per variant, and ratios as the median of the per-round ratios
+    (variants in one round ran seconds apart, so they saw the same load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+# The language model's decoder linears: the ones GRACE releases quantize.
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# -- machine ---------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict:
+    import transformers
+
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def machine_line(info: dict) -> str:
+    return (f"{info['cpu_model']} ({info['cpu_count']} cores, {info['torch_cpu_capability']}), "
+            f"torch {info['torch']} with {info['torch_threads']} threads, transformers {info['transformers']}; "
+            f"load average at start {info['loadavg_at_start'][0]:.2f}")
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer shapes/repeats: a smoke run, not for quoting")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON path (default bench/results/<name>.json)")
+    parser.add_argument("--no-write", action="store_true", help="print the tables only")
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, target_s: float = 0.01,
+                     warmup: int = 2, max_inner: int = 2000) -> dict[str, list[float]]:
+    """Seconds per call of each fn: `rounds` samples each, the fns interleaved within every round."""
+    names = list(fns)
+    inner = {}
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+        start = time.perf_counter()
+        fns[name]()
+        once = time.perf_counter() - start
+        inner[name] = max(1, min(max_inner, int(target_s / max(once, 1e-7))))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn, k = fns[name], inner[name]
+                start = time.perf_counter()
+                for _ in range(k):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / k)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return samples
+
+
+def summary(samples: list[float]) -> dict:
+    qs = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return {"median_s": statistics.median(samples), "q1_s": qs[0], "q3_s": qs[2], "min_s": min(samples),
+            "n": len(samples)}
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i] (e.g. baseline time / variant time = speedup)."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """Temporarily set a module-level constant (e.g. a kernel/dequant threshold) read at call time."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return v if isinstance(v, str) else f"{v}"
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_us(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:,.0f}" if us >= 100 else f"{us:.1f}"
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:,.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def write_results(name: str, payload: dict, out: Path | None = None) -> Path:
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload)
+    payload.setdefault("machine", machine_info())
+    payload["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+# -- quantized modules -------------------------------------------------------------------------------
+
+def random_int4(in_features: int, out_features: int, group_size: int = 128, dtype=torch.bfloat16,
+                seed: int = 0, bias: bool = False):
+    """Int4Linear with uniformly random codes, zero points in [0, 15] and scales ~ a bf16 weight's (0.02 std)."""
+    from grace.quant.int4 import Int4Linear
+
+    g = torch.Generator().manual_seed(seed)
+    groups = in_features // group_size
+    codes = torch.randint(0, 16, (out_features, in_features), generator=g, dtype=torch.uint8)
+    scales = (0.5 + torch.rand(out_features, groups, generator=g)) * 0.006
+    zeros = torch.randint(0, 16, (out_features, groups), generator=g).float()
+    return Int4Linear(in_features, out_features, bias, group_size, dtype).set_codes(codes, scales, zeros)
+
+
+def random_int8(in_features: int, out_features: int, group_size: int = 128, dtype=torch.bfloat16,
+                seed: int = 0, bias: bool = False):
+    """Int8Linear with uniformly random codes in [-128, 127] and scales ~ a bf16 weight's."""
+    from grace.quant.int8 import Int8Linear
+
+    g = torch.Generator().manual_seed(seed)
+    groups = in_features // group_size
+    codes = torch.randint(-128, 128, (out_features, in_features), generator=g, dtype=torch.int16)
+    scales = (0.5 + torch.rand(out_features, groups, generator=g)) * 0.0005
+    return Int8Linear(in_features, out_features, bias, group_size, dtype).set_codes(codes, scales)
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Names of the language model's decoder linears (q/k/v/o/gate/up/down); not visual, merger,
+    lm_head or embeddings."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".language_model.layers." in f".{n}"
+            and n.rsplit(".", 1)[-1] in DECODER_LINEARS]
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def quantize_rtn_(model: nn.Module, bits: int, group_size: int = 128, names: list[str] | None = None) -> list[str]:
+    """Replace linears in place by Int4Linear / Int8Linear holding the round-to-nearest quantization of
+    their current weights (int4: asymmetric min/max per group; int8: symmetric absmax per group).
+    Default `names`: the decoder linears. Returns the names replaced.
+
+    Minimal on purpose (no calibration, no clipping search): it exists so the benchmarks can build
+    INT8/INT4 models from random weights. Slated to move into the library as `grace.quantize_`."""
+    from grace.quant.int4 import Int4Linear
+    from grace.quant.int8 import Int8Linear
+
+    names = decoder_linear_names(model) if names is None else names
+    for name in names:
+        linear = model.get_submodule(name)
+        out_f, in_f = linear.weight.shape
+        dtype, device = linear.weight.dtype, linear.weight.device
+        w = linear.weight.float().reshape(out_f, in_f // group_size, group_size)
+        if bits == 4:
+            lo = w.amin(-1).clamp(max=0)
+            hi = w.amax(-1).clamp(min=0)
+            scales = ((hi - lo) / 15).clamp_min(1e-8)
+            zeros = torch.round(-lo / scales).clamp(0, 15)
+            codes = torch.round(w / scales.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, 15)
+            module = Int4Linear(in_f, out_f, linear.bias is not None, group_size, dtype, device)
+            module.set_codes(codes.to(torch.uint8).reshape(out_f, in_f), scales, zeros)
+        elif bits == 8:
+            scales = (w.abs().amax(-1) / 127).clamp_min(1e-8)
+            codes = torch.round(w / scales.unsqueeze(-1)).clamp(-128, 127)
+            module = Int8Linear(in_f, out_f, linear.bias is not None, group_size, dtype, device)
+            module.set_codes(codes.to(torch.int8).reshape(out_f, in_f), scales)
+        else:
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if linear.bias is not None:
+            module.bias.data = linear.bias.data.to(dtype)
+        swap_module(model, name, module)
+    return names
