@@ -59,7 +59,9 @@ def _pack_for(device: torch.device, codes: torch.Tensor) -> tuple[torch.Tensor, 
     if device.type == "cpu" and n % 16 == 0 and k % 2 == 0:
         return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2), "cpu"
     if device.type == "cuda" and n % 8 == 0 and k % (CUDA_INNER_K_TILES * 16) == 0:
-        return torch._convert_weight_to_int4pack(_codes_to_nibbles(codes), CUDA_INNER_K_TILES), "cuda"
+        codes = codes.to(torch.uint8)
+        high_first = (codes[:, 0::2] << 4) | codes[:, 1::2]   # the CUDA packer wants the even column high
+        return torch._convert_weight_to_int4pack(high_first, CUDA_INNER_K_TILES), "cuda"
     return _codes_to_nibbles(codes), "plain"
 
 
