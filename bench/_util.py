@@ -2,6 +2,8 @@
 and a minimal round-to-nearest quantizer for building INT8/INT4 models from random weights.
 
 Timing protocol (the machine these run on is usually shared and noisy):
+  * before each round we wait (bounded) until other processes leave the CPUs idle, measure how
+    many cores they used during the round, and keep only the quiet rounds when there are enough;
   * every variant being compared is timed in the same loop, interleaved A,B,C,B,C,A,... (the
     starting variant rotates each round so none always runs right after another);
   * each sample repeats the call enough times to last ~`target_s`;
@@ -96,9 +98,54 @@ def apply_threads(threads: int | None) -> None:
 
 # -- timing ----------------------------------------------------------------------------------------
 
-def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, target_s: float = 0.01,
-                     warmup: int = 2, max_inner: int = 2000) -> dict[str, list[float]]:
-    """Seconds per call of each fn: `rounds` samples each, the fns interleaved within every round."""
+class CpuMonitor:
+    """CPU used by *other* processes (in cores), from /proc/stat minus this process's own CPU time."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.ok = Path("/proc/stat").is_file()
+
+    def _read(self):
+        if not self.ok:
+            return None
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = sum(vals) - vals[3] - vals[4]            # all but idle and iowait, in jiffies
+        return busy / self.hz, time.process_time(), time.perf_counter()
+
+    def start(self):
+        return self._read()
+
+    def others(self, since) -> float:
+        """Average number of cores busy with other processes since `since`."""
+        now = self._read()
+        if since is None or now is None or now[2] <= since[2]:
+            return 0.0
+        return max(0.0, ((now[0] - since[0]) - (now[1] - since[1])) / (now[2] - since[2]))
+
+    def wait_quiet(self, max_wait_s: float, threshold: float = 0.25, probe_s: float = 0.2) -> float:
+        """Sleep until other processes use < `threshold` cores over a probe (at most `max_wait_s`);
+        returns the seconds waited."""
+        waited = 0.0
+        while self.ok and waited < max_wait_s:
+            mark = self.start()
+            time.sleep(probe_s)
+            waited += probe_s
+            if self.others(mark) < threshold:
+                break
+        return waited
+
+
+MONITOR = CpuMonitor()
+QUIET_CORES = 0.25        # a round counts as quiet when other processes used less than this many cores
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, target_s: float = 0.02,
+                     warmup: int = 2, max_inner: int = 2000, max_wait_s: float = 15.0) -> tuple[dict[str, list[float]], dict]:
+    """Seconds per call of each fn: `rounds` samples each, the fns interleaved within every round.
+
+    Before each round we wait (up to `max_wait_s`) for the other processes on the machine to go
+    quiet, and we measure how busy they were during the round; if enough rounds were quiet only
+    those are returned. Returns (samples, load info)."""
     names = list(fns)
     inner = {}
     for name in names:
@@ -109,11 +156,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, target_s
         once = time.perf_counter() - start
         inner[name] = max(1, min(max_inner, int(target_s / max(once, 1e-7))))
     samples: dict[str, list[float]] = {n: [] for n in names}
+    others: list[float] = []
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         for r in range(rounds):
+            MONITOR.wait_quiet(max_wait_s)
+            mark = MONITOR.start()
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 fn, k = fns[name], inner[name]
@@ -121,10 +171,21 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, target_s
                 for _ in range(k):
                     fn()
                 samples[name].append((time.perf_counter() - start) / k)
+            others.append(MONITOR.others(mark))
     finally:
         if was_enabled:
             gc.enable()
-    return samples
+    quiet = [i for i, o in enumerate(others) if o < QUIET_CORES]
+    keep = quiet if len(quiet) >= max(3, rounds // 3) else list(range(rounds))
+    out = {n: [v[i] for i in keep] for n, v in samples.items()}
+    load = {"rounds": rounds, "rounds_kept": len(keep), "quiet_rounds": len(quiet),
+            "others_cores_median_kept": statistics.median(others[i] for i in keep)}
+    return out, load
+
+
+def load_note(load: dict) -> str:
+    return (f"  [{load['rounds_kept']}/{load['rounds']} rounds kept, {load['quiet_rounds']} quiet; "
+            f"others used {load['others_cores_median_kept']:.2f} cores]")
 
 
 def summary(samples: list[float]) -> dict:

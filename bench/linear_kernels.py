@@ -77,7 +77,7 @@ def part1(shapes, ms, rounds) -> list[dict]:
                 "int8_fp32": lambda: mods["int8_fp32"](xf),
                 "int4_fp32": lambda: mods["int4_fp32"](xf),
             }
-            samples = U.time_interleaved(fns, rounds)
+            samples, load = U.time_interleaved(fns, rounds)
             errors = {
                 "bf16_linear": rel_err(F.linear(xb, w_bf16), xb.double() @ w_bf16.double().t()),
                 "fp32_linear": rel_err(F.linear(xf, w_fp32), xf.double() @ w_fp32.double().t()),
@@ -87,7 +87,7 @@ def part1(shapes, ms, rounds) -> list[dict]:
                 ref = x.double() @ mods[key].dequantize().double().t()
                 errors[key] = rel_err(mods[key](x), ref)
             rows.append({
-                "in": i, "out": o, "m": m,
+                "in": i, "out": o, "m": m, "load": load,
                 "time": {k: U.summary(v) for k, v in samples.items()},
                 "speedup": {
                     "int8_bf16_vs_bf16": U.paired_ratio(samples["bf16_linear"], samples["int8_bf16"]),
@@ -99,7 +99,7 @@ def part1(shapes, ms, rounds) -> list[dict]:
                 "rel_l2_error": errors,
             })
             t = rows[-1]["time"]
-            print(f"  {shape_name(i, o)} M={m}: " + ", ".join(f"{k} {U.fmt_us(v['median_s'])}us" for k, v in t.items()),
+            print(f"  {shape_name(i, o)} M={m}: " + ", ".join(f"{k} {U.fmt_us(v['median_s'])}us" for k, v in t.items()) + U.load_note(load),
                   file=sys.stderr, flush=True)
     return rows
 
@@ -123,14 +123,14 @@ def int8_sweep(shapes, ms, fp32_max_m, rounds) -> list[dict]:
                    "bf16_linear": lambda: F.linear(xb, w)}
             if m <= fp32_max_m:
                 fns |= {"fp32_loop": lambda: run(lf, xf, BIG), "fp32_dequant": lambda: run(lf, xf, -1)}
-            samples = U.time_interleaved(fns, rounds)
-            row = {"in": i, "out": o, "m": m, "time": {k: U.summary(v) for k, v in samples.items()},
+            samples, load = U.time_interleaved(fns, rounds)
+            row = {"in": i, "out": o, "m": m, "load": load, "time": {k: U.summary(v) for k, v in samples.items()},
                    "dequant_over_loop": {"bf16": U.paired_ratio(samples["bf16_dequant"], samples["bf16_loop"])}}
             if m <= fp32_max_m:
                 row["dequant_over_loop"]["fp32"] = U.paired_ratio(samples["fp32_dequant"], samples["fp32_loop"])
             rows.append(row)
             print(f"  int8 sweep {shape_name(i, o)} M={m}: " + ", ".join(
-                f"{k} {U.fmt_us(v['median_s'])}us" for k, v in row["time"].items()), file=sys.stderr, flush=True)
+                f"{k} {U.fmt_us(v['median_s'])}us" for k, v in row["time"].items()) + U.load_note(load), file=sys.stderr, flush=True)
     return rows
 
 
@@ -153,14 +153,14 @@ def int4_fp32_sweep(shapes, ms, rounds) -> list[dict]:
                    "fp32_linear": lambda: F.linear(xf, w),
                    # alternative: a bf16 module, activations cast to bf16 (the bf16 kernel), cast back
                    "bf16_kernel_cast": lambda: lb(xf.to(torch.bfloat16)).float()}
-            samples = U.time_interleaved(fns, rounds)
-            rows.append({"in": i, "out": o, "m": m, "time": {k: U.summary(v) for k, v in samples.items()},
+            samples, load = U.time_interleaved(fns, rounds)
+            rows.append({"in": i, "out": o, "m": m, "load": load, "time": {k: U.summary(v) for k, v in samples.items()},
                          "dequant_over_kernel": U.paired_ratio(samples["fp32_dequant"], samples["fp32_kernel"]),
                          "bf16_cast_error": rel_err(lb(xf.to(torch.bfloat16)).float(),
                                                     xf.double() @ lf.dequantize().double().t()),
                          "fp32_kernel_error": rel_err(run(lf, xf, BIG), xf.double() @ w.double().t())})
             print(f"  int4 fp32 sweep {shape_name(i, o)} M={m}: " + ", ".join(
-                f"{k} {U.fmt_us(v['median_s'])}us" for k, v in rows[-1]["time"].items()), file=sys.stderr, flush=True)
+                f"{k} {U.fmt_us(v['median_s'])}us" for k, v in rows[-1]["time"].items()) + U.load_note(load), file=sys.stderr, flush=True)
     return rows
 
 
