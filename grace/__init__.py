@@ -4,14 +4,18 @@
     loaded = grace.load("ForeverBlue/Qwen3-VL-2B-GRACE-W4G128-AWQ")      # any release layout
     grace.export_awq("path/to/Qwen3-VL-2B-GRACE-W4G128", "out/awq")      # QAT W4 -> AWQ INT4
     grace.quantize_(model, grace.Int4WeightOnlyConfig())                   # round-to-nearest baseline
+    grace.train(grace.TrainConfig(teacher=..., student=..., bits=4, steps=1000, out="runs/w4"))
+    grace.evaluate(loaded, "shapes-test")
 """
 
 from .errors import GraceLoadError
 from .export import export_awq, export_int8, save_packed, save_plain, save_qat_release
 from .load import LoadedModel, load
 from .quant import Int4Linear, Int4WeightOnlyConfig, Int8Linear, Int8WeightOnlyConfig, quantize_
+from .trainer import TrainConfig, TrainResult, train
+from .evaluate import EvalResult, evaluate
 
 __all__ = ["GraceLoadError", "LoadedModel", "load", "export_awq", "export_int8", "save_packed", "save_plain",
            "save_qat_release", "quantize_", "Int4Linear", "Int8Linear", "Int4WeightOnlyConfig",
-           "Int8WeightOnlyConfig"]
+           "Int8WeightOnlyConfig", "TrainConfig", "TrainResult", "train", "EvalResult", "evaluate"]
 __version__ = "0.1.0"

@@ -25,7 +25,11 @@ The run folder gets metrics.jsonl (a config line, one line per optimizer step, a
 as written), checkpoint-<step>/ (the last `keep_checkpoints`), and when the run finishes final/
 (GRACE QAT release, or plain bf16 for 16 bits) plus export-awq/ (4 bits) or export-int8/ (8 bits).
 A stop request (SIGTERM, SIGINT, or a file STOP in the run folder) ends the run at the next step
-boundary with a checkpoint; resuming it continues the same trajectory.
+boundary with a checkpoint; resuming it continues the same trajectory (a resumed run appends a new
+config line, its steps and its own end line to metrics.jsonl).
+
+Memory: logits are computed only where an answer token is predicted (`logits_to_keep`), and hidden
+states only at the R-CKA layer, through forward hooks (never output_hidden_states for all layers).
 """
 
 from __future__ import annotations
@@ -59,8 +63,6 @@ STATE_FILE = "trainer_state.json"
 
 def opt(default, help: str):
     """A config field with its help text (shown by `python -m grace train --help`)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -96,7 +98,11 @@ class TrainConfig:
     rcka_layer: int = opt(-2, "decoder layer whose output R-CKA aligns (negative: from the end; -2 = penultimate)")
     kd_warmup: int = opt(50, "steps of the linear ramp of the GDKD (or KD) term")
     rcka_warmup: int = opt(100, "steps of the linear ramp of the R-CKA term")
-    # adaptive IB controller (beta of the GDKD term)
+    # Adaptive IB controller (beta weighs the GDKD term). tau is in L_GDKD's own units (T^2-scaled, dkd_beta=4):
+    # measured at T=2 on the tiny models, ~28 for an untrained student vs a trained teacher, falling below 0.1
+    # as it matches (~0.1 between two random models). tau=1 sits between: beta climbs (to beta_max) while the
+    # student is far off and relaxes, at most eta per step, once the smoothed loss is under 1. beta starts at
+    # 1 (KD as strong as CE), bounded to [0, 5]. For other temperatures / dkd_beta rescale tau alike.
     tau: float = opt(1.0, "target of the smoothed L_GDKD: beta grows while the EMA is above it")
     eta: float = opt(0.01, "controller gain: beta += eta * (ema - tau) per step")
     beta_init: float = opt(1.0, "initial beta (also the fixed KD weight of --objective kd)")
@@ -203,7 +209,8 @@ class ResumableSampler(torch.utils.data.Sampler):
             else:
                 if position // self.size != epoch:
                     epoch = position // self.size
-                    order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                    generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                    order = torch.randperm(self.size, generator=generator)
                 yield int(order[position % self.size])
             position += 1
 
@@ -232,13 +239,33 @@ def load_student(config: TrainConfig, device: torch.device):
         raise ValueError(f"student {config.student} is a packed {loaded.kind} ({loaded.format}) checkpoint, which "
                          "cannot be trained; start from a bf16 checkpoint or a GRACE QAT release")
     model = loaded.model
-    model.config.use_cache = False
     if config.freeze_vision:
         freeze_vision(model)
     qat = QATConfig(bits=config.bits, group_size=config.group_size)
     qat_modules = apply_qat(model, qat)
+    if loaded.format == "grace-qat":
+        start_from_release_scales(model, loaded.path, qat)
     model.train()
     return loaded, qat, qat_modules
+
+
+@torch.no_grad()
+def start_from_release_scales(model, folder: Path, qat) -> None:
+    """A GRACE QAT release as student: continue from its learned step sizes (the sidecar's log_scale)
+    rather than a fresh search, which would move its weights off the released codes."""
+    from .distill.fake_quant import fake_quant_modules
+    from .layout import QAT_SIDECAR, read_config, read_sidecar
+
+    released = read_config(folder)["qat"]
+    if (int(released.get("bits", 0)), int(released.get("group_size", 0))) != (qat.bits, qat.group_size):
+        print(f"student {folder} was released with {released.get('bits')} bits, group {released.get('group_size')}; "
+              f"training {qat.bits} bits, group {qat.group_size} starts from fresh step sizes", file=sys.stderr)
+        return
+    sidecar = read_sidecar(folder / QAT_SIDECAR) if (folder / QAT_SIDECAR).is_file() else {}
+    for name, module in fake_quant_modules(model).items():
+        log_scale = sidecar.get(name + ".log_scale")
+        if log_scale is not None:
+            module.log_scale.copy_(log_scale.reshape(module.log_scale.shape))
 
 
 def load_teacher(config: TrainConfig, device: torch.device):
@@ -312,14 +339,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Plain KD: T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), mean over rows."""
+    """Plain KD: T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), mean over rows (zero without rows)."""
     log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1).mean() * temperature ** 2
-
-
-def is_finite(value) -> bool:
-    return value is not None and math.isfinite(float(value))
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return kl.sum() / max(1, kl.numel()) * temperature ** 2
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -586,205 +610,260 @@ class Run:
 
 # -- the training loop ----------------------------------------------------------------------------------
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) training as configured; see the module docstring. Raises on failure after
-    writing the end line (outcome failed) and, when it can, a checkpoint."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+class Trainer:
+    """The state of one run: models, optimizer, schedule, controller, data stream and step count.
+    `train()` drives it; each method is one phase of the run."""
 
-    from .distill import AdaptiveIBController, capture_layer_output, mean_quant_scale, qat_param_groups
-    from .distill import reduce_for_controller
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
 
-    resume_from = find_checkpoint(config.resume) if config.resume else None
-    out = Path(config.out) if config.out else resume_from.parent
-    objective = config.resolved_objective
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision="bf16" if cuda else "no",
-                              step_scheduler_with_optimizer=False)   # the schedule counts optimizer steps
-    main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / STOP_FILE).exists():
-            print(f"removing a stale {out / STOP_FILE} from an earlier stop request", file=sys.stderr)
-            (out / STOP_FILE).unlink()
-    accelerator.wait_for_everyone()
-    log = MetricsLog(out / METRICS_FILE, main)
-    log.write("config", time=time.time(), **asdict(config), objective_resolved=objective,
-              out_resolved=str(out), resumed_from=str(resume_from) if resume_from else None,
-              processes=accelerator.num_processes, device=str(accelerator.device),
-              mixed_precision=accelerator.mixed_precision)
+        self.config, self.objective = config, config.resolved_objective
+        self.resume_from = find_checkpoint(config.resume) if config.resume else None
+        self.out = Path(config.out) if config.out else self.resume_from.parent
+        self.cuda = torch.cuda.is_available()
+        self.accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not self.cuda,
+                                       mixed_precision="bf16" if self.cuda else "no",
+                                       step_scheduler_with_optimizer=False)   # the schedule counts optimizer steps
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if (self.out / STOP_FILE).exists():
+                print(f"removing a stale {self.out / STOP_FILE} from an earlier stop request", file=sys.stderr)
+                (self.out / STOP_FILE).unlink()
+        self.accelerator.wait_for_everyone()
+        self.log = MetricsLog(self.out / METRICS_FILE, self.is_main)
+        self.config_logged = False
+        self.outputs: dict = {"metrics": self.out / METRICS_FILE}
+        self.step, self.saved_step, self.samples_seen = 0, None, 0
+        self.consistent = True          # False only while the optimizer is changing the weights
+        self.boundary_rng = None        # RNG states at the last step boundary (what a checkpoint stores)
+        self.checkpointer = self.controller = None
+        self.samples_per_step = config.batch_size * config.grad_accum * self.accelerator.num_processes
 
-    step, saved_step, consistent = 0, None, True
-    boundary_rng = None
-    student = optimizer = scheduler = controller = checkpointer = None
-    last: dict = {}
-    outputs: dict = {"metrics": out / METRICS_FILE}
+    def log_config(self, **more) -> None:
+        acc = self.accelerator
+        self.log.write("config", time=time.time(), **asdict(self.config), objective_resolved=self.objective,
+                       out_resolved=str(self.out), resumed_from=str(self.resume_from) if self.resume_from else None,
+                       processes=acc.num_processes, device=str(acc.device), mixed_precision=acc.mixed_precision,
+                       **more)
+        self.config_logged = True
 
-    def trainer_state() -> dict:
-        return {"step": step, "samples_seen": samples_per_step * step, "processes": accelerator.num_processes,
-                "controller": controller.state_dict() if controller else None, "config": asdict(config),
-                "data": {"source": config.data, "seed": config.seed, "size": data_size}}
-
-    def save(sync: bool = True) -> Path:
-        nonlocal saved_step
-        path = checkpointer.save(step, student_core, optimizer, scheduler, trainer_state(), boundary_rng, sync)
-        saved_step = step
-        outputs["checkpoint"] = path
-        return path
-
-    try:
-        set_seed(config.seed)
-        device = accelerator.device
-        student_loaded, qat_config, qat_modules = load_student(config, device)
-        teacher_loaded = load_teacher(config, device) if objective != "ce" else None
-        if teacher_loaded is not None:
-            check_compatible(teacher_loaded, student_loaded)
-        student_core = student_loaded.model
-        processor = student_loaded.processor
-
-        groups = qat_param_groups(student_core, config.lr, config.scale_lr, config.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-            lr_factor, warmup=config.warmup_steps, total=config.steps, floor=config.min_lr_ratio))
-        if objective == "grace":
-            controller = AdaptiveIBController(config.tau, config.eta, config.beta_init, config.beta_min,
-                                              config.beta_max, config.ema_decay)
-
-        dataset = build_dataset(config)
-        data_size = len(dataset) if hasattr(dataset, "__len__") else None
-        samples_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
-        if resume_from is not None:
-            state = Checkpointer.load(resume_from, student_core, optimizer, scheduler, accelerator.process_index)
-            step = saved_step = int(state["step"])
-            if controller is not None and state.get("controller"):
-                controller.load_state_dict(state["controller"])
-            changed = {k: (v, getattr(config, k)) for k, v in state["config"].items()
-                       if k not in ("resume", "stop_after", "out", "steps", "checkpoint_every", "log_every",
-                                    "keep_checkpoints", "num_workers") and getattr(config, k, v) != v}
-            if changed and main:
-                print(f"resuming with changed settings (saved -> now): {changed}", file=sys.stderr)
-            start_sample = int(state["samples_seen"])
-        else:
-            start_sample = 0
+    def setup(self) -> None:
+        """Load and check the models, build optimizer / schedule / controller / data, restore a checkpoint."""
+        from accelerate.utils import set_seed
 
         from .data.conversations import Collator
+        from .distill import AdaptiveIBController, qat_param_groups
 
-        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
-                                             sampler=ResumableSampler(data_size, config.seed, start_sample),
-                                             collate_fn=Collator(processor, config.max_length), pin_memory=cuda)
-        student, optimizer, loader, scheduler = accelerator.prepare(student_core, optimizer, loader, scheduler)
-        checkpointer = Checkpointer(out, accelerator, config.keep_checkpoints)
-        run = Run(config, objective, accelerator, student, teacher_loaded.model if teacher_loaded else None,
-                  student_core.config.image_token_id, student_core.config.vision_config.spatial_merge_size)
-        trainable = [p for p in student_core.parameters() if p.requires_grad]
+        config, acc = self.config, self.accelerator
+        set_seed(config.seed)
+        student, self.qat_config, self.qat_modules = load_student(config, acc.device)
+        teacher = load_teacher(config, acc.device) if self.objective != "ce" else None
+        if teacher is not None:
+            check_compatible(teacher, student)
+        self.student_core, self.processor = student.model, student.processor
+        self.teacher = teacher.model if teacher is not None else None
+        self.trainable = [p for p in self.student_core.parameters() if p.requires_grad]
 
-        with contextlib.ExitStack() as stack:
-            if objective == "grace":
-                run.student_capture = stack.enter_context(capture_layer_output(
-                    student_core, resolve_layer(student_core, config.rcka_layer)))
-                run.teacher_capture = stack.enter_context(capture_layer_output(
-                    run.teacher, resolve_layer(run.teacher, config.rcka_layer)))
-            stop_request = stack.enter_context(StopRequest(out))
-            log.write("start", time=time.time(), step=step, max_steps=config.steps, qat_modules=len(qat_modules),
-                      trainable_parameters=sum(p.numel() for p in trainable),
-                      student_parameters=sum(p.numel() for p in student_core.parameters()),
-                      teacher_parameters=sum(p.numel() for p in run.teacher.parameters()) if run.teacher else None)
-            progress = tqdm(total=config.steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
-            data = iter(loader)
-            started, steps_this_run = time.perf_counter(), 0
-            stop = step >= config.steps
-            while not stop:
-                boundary_rng = rng_state()
-                step_start = time.perf_counter()
-                beta = controller.beta if controller else (config.beta_init if objective == "kd" else None)
-                lr = scheduler.get_last_lr()[0]
-                micro = []
-                for _ in range(config.grad_accum):
-                    batch = next(data)
-                    with accelerator.accumulate(student):
-                        loss, stats = micro_step(batch, run, beta if beta is not None else 0.0, step)
-                        accelerator.backward(loss)
-                        micro.append(stats)
-                if not accelerator.sync_gradients:
-                    raise RuntimeError("gradient accumulation is out of step with accelerate's counter")
-                grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm if config.max_grad_norm > 0
-                                                        else math.inf)
-                grad_norm = float(grad_norm)
-                consistent = False
-                if math.isfinite(grad_norm):
-                    optimizer.step()
-                skipped_update = not math.isfinite(grad_norm)
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                consistent = True
-                gdkd = reduce_for_controller([m["gdkd"] for m in micro], accelerator) if controller else None
-                if controller:
-                    controller.update(gdkd)
-                summary = summarize(micro, accelerator, stop_request.requested())
-                elapsed = time.perf_counter() - step_start
-                steps_this_run += 1
-                eta = (time.perf_counter() - started) / steps_this_run * (config.steps - step)
-                last = {"step": step, "time": time.time(), "max_steps": config.steps, "lr": lr,
-                        "loss": summary["loss"], "ce": summary["ce"],
-                        "gdkd": gdkd if controller else summary["gdkd"], "kd": summary["kd"],
-                        "rcka": summary["rcka"], "cka": summary["cka"],
-                        "beta": beta, "ema": controller.ema if controller else None,
-                        "tau": config.tau if controller else None,
-                        "kd_weight": None if beta is None else beta * ramp(step - 1, config.kd_warmup),
-                        "rcka_weight": config.omega * ramp(step - 1, config.rcka_warmup) if objective == "grace" else None,
-                        "gate_mean": summary["gate_mean"], "gate_min": summary["gate_min"],
-                        "gate_max": summary["gate_max"], "grad_norm": grad_norm,
-                        "quant_scale": mean_quant_scale(student_core) if qat_modules else None,
-                        "tokens": summary["tokens"], "tokens_per_s": summary["input_tokens"] / elapsed,
-                        "step_s": elapsed, "eta_s": eta,
-                        "nonfinite": summary["nonfinite"] + int(skipped_update)}
-                log.write("step", **last)
-                progress.update(1)
-                progress.set_postfix(loss=_fmt(last["loss"], 3), ce=_fmt(last["ce"], 3), beta=_fmt(beta, 3),
-                                     cka=_fmt(last["cka"], 3), refresh=False)
-                if main and (step % config.log_every == 0 or step == config.steps):
-                    progress.write(f"step {step}/{config.steps}  loss {_fmt(last['loss'])}  ce {_fmt(last['ce'])}  "
-                                   f"gdkd {_fmt(last['gdkd'])}  cka {_fmt(last['cka'])}  beta {_fmt(beta)}  "
-                                   f"lr {lr:.3g}  {last['tokens_per_s']:.0f} tok/s  eta {_duration(eta)}")
-                boundary_rng = rng_state()
-                stop_now = summary["stop"] or (config.stop_after is not None and step >= config.stop_after)
-                if step % config.checkpoint_every == 0 or step >= config.steps or stop_now:
-                    save()
-                if stop_now and step < config.steps:
+        groups = qat_param_groups(self.student_core, config.lr, config.scale_lr, config.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            lr_factor, warmup=config.warmup_steps, total=config.steps, floor=config.min_lr_ratio))
+        if self.objective == "grace":
+            self.controller = AdaptiveIBController(config.tau, config.eta, config.beta_init, config.beta_min,
+                                                   config.beta_max, config.ema_decay)
+        dataset = build_dataset(config)
+        self.data_size = len(dataset) if hasattr(dataset, "__len__") else None
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=config.batch_size, num_workers=config.num_workers, pin_memory=self.cuda,
+            sampler=ResumableSampler(self.data_size, config.seed, self.samples_seen),
+            collate_fn=Collator(self.processor, config.max_length))
+        self.student, self.optimizer, loader, self.scheduler = acc.prepare(self.student_core, self.optimizer, loader,
+                                                                           self.scheduler)
+        self.data = iter(loader)
+        self.checkpointer = Checkpointer(self.out, acc, config.keep_checkpoints)
+        self.boundary_rng = rng_state()
+
+    def restore(self, path: Path) -> None:
+        state = Checkpointer.load(path, self.student_core, self.optimizer, self.scheduler,
+                                  self.accelerator.process_index)
+        self.step = self.saved_step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        if self.controller is not None and state.get("controller"):
+            self.controller.load_state_dict(state["controller"])
+        if state.get("processes") != self.accelerator.num_processes and self.is_main:
+            print(f"resuming {state.get('processes')}-process training with {self.accelerator.num_processes}: the "
+                  "data stream continues, but the global batch (and so the trajectory) changes", file=sys.stderr)
+        ignored = ("resume", "stop_after", "out", "steps", "checkpoint_every", "log_every", "keep_checkpoints",
+                   "num_workers")
+        changed = {k: (v, getattr(self.config, k)) for k, v in state["config"].items()
+                   if k not in ignored and getattr(self.config, k, v) != (tuple(v) if isinstance(v, list) else v)}
+        if changed and self.is_main:
+            print(f"resuming with changed settings (saved -> now): {changed}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def rcka_hooks(self):
+        """Capture the R-CKA layer's output of student and teacher (GRACE only) for the whole run."""
+        from .distill import capture_layer_output
+
+        if self.objective != "grace":
+            yield None, None
+            return
+        layer = self.config.rcka_layer
+        with capture_layer_output(self.student_core, resolve_layer(self.student_core, layer)) as student, \
+                capture_layer_output(self.teacher, resolve_layer(self.teacher, layer)) as teacher:
+            yield student, teacher
+
+    def optimizer_step(self, run: Run, stop_requested: bool) -> dict:
+        """Accumulate grad_accum micro-batches, clip, update, step the schedule and the controller;
+        return the metrics line of this step."""
+        from .distill import mean_quant_scale, reduce_for_controller
+
+        config, acc, controller = self.config, self.accelerator, self.controller
+        started = time.perf_counter()
+        t = self.step                                   # optimizer steps done before this one
+        beta = controller.beta if controller else (config.beta_init if self.objective == "kd" else None)
+        lr = self.scheduler.get_last_lr()[0]
+        micro = []
+        for _ in range(config.grad_accum):
+            with acc.accumulate(self.student):
+                loss, stats = micro_step(next(self.data), run, beta or 0.0, t)
+                acc.backward(loss)                      # accelerate divides by grad_accum
+                micro.append(stats)
+        if not acc.sync_gradients:
+            raise RuntimeError("gradient accumulation is out of step with accelerate's counter")
+        grad_norm = float(acc.clip_grad_norm_(self.trainable, config.max_grad_norm or math.inf))
+        self.consistent = False
+        if math.isfinite(grad_norm):                    # a non-finite gradient skips the update
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.samples_seen += self.samples_per_step
+        self.consistent = True
+        gdkd = reduce_for_controller([m["gdkd"] for m in micro], acc) if controller else None
+        if controller:
+            controller.update(gdkd)                     # beta_{t+1}: used by the next step
+        summary = summarize(micro, acc, stop_requested)
+        self.boundary_rng = rng_state()
+        seconds = time.perf_counter() - started
+        return {"step": self.step, "time": time.time(), "max_steps": config.steps, "lr": lr,
+                "loss": summary["loss"], "ce": summary["ce"], "gdkd": gdkd if controller else None,
+                "kd": summary["kd"], "rcka": summary["rcka"], "cka": summary["cka"],
+                "beta": beta, "ema": controller.ema if controller else None, "tau": config.tau if controller else None,
+                "kd_weight": None if beta is None else beta * ramp(t, config.kd_warmup),
+                "rcka_weight": config.omega * ramp(t, config.rcka_warmup) if self.objective == "grace" else None,
+                "gate_mean": summary["gate_mean"], "gate_min": summary["gate_min"], "gate_max": summary["gate_max"],
+                "grad_norm": grad_norm,
+                "quant_scale": mean_quant_scale(self.student_core) if self.qat_modules else None,
+                "tokens": summary["tokens"], "tokens_per_s": summary["input_tokens"] / seconds, "step_s": seconds,
+                "nonfinite": summary["nonfinite"] + int(not math.isfinite(grad_norm)), "stop": summary["stop"]}
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen,
+                "processes": self.accelerator.num_processes, "config": asdict(self.config),
+                "controller": self.controller.state_dict() if self.controller else None,
+                "data": {"source": self.config.data, "seed": self.config.seed, "size": self.data_size}}
+
+    def save(self, sync: bool = True) -> Path:
+        path = self.checkpointer.save(self.step, self.student_core, self.optimizer, self.scheduler,
+                                      self.trainer_state(), self.boundary_rng, sync)
+        self.outputs["checkpoint"], self.saved_step = path, self.step
+        return path
+
+    def save_after_failure(self) -> None:
+        """Checkpoint the last completed step when that is safe: weights not mid-update, one process
+        (with several, the others may be waiting in a collective that never comes)."""
+        if (self.checkpointer is None or not self.consistent or self.step == 0 or self.saved_step == self.step
+                or self.accelerator.num_processes > 1):
+            return
+        try:
+            self.save(sync=False)
+        except Exception as err:  # the original error matters more
+            print(f"could not save a checkpoint after the failure: {err}", file=sys.stderr)
+
+    def export(self) -> None:
+        if self.is_main:
+            self.outputs.update(export_release(self.student_core, self.processor, self.qat_config, self.config.bits,
+                                               self.out))
+        self.accelerator.wait_for_everyone()
+
+    def end(self, outcome: str, error: str | None = None, **more) -> None:
+        if not self.config_logged:
+            self.log_config()
+        self.log.write("end", time=time.time(), outcome=outcome, step=self.step, error=error, outputs=self.outputs,
+                       **more)
+        if self.is_main:
+            where = self.outputs.get("export") or self.outputs.get("final") or self.outputs.get("checkpoint")
+            print(f"{outcome} at step {self.step}; metrics in {self.outputs['metrics']}"
+                  + (f"; model in {where}" if where else ""), file=sys.stderr)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) training as configured; see the module docstring. On failure: the end line
+    (outcome failed), a checkpoint when it is safe, then the exception is re-raised."""
+    from tqdm.auto import tqdm
+
+    trainer = Trainer(config)
+    last: dict = {}
+    try:
+        trainer.setup()
+        with trainer.rcka_hooks() as (student_capture, teacher_capture), StopRequest(trainer.out) as stop_request:
+            core = trainer.student_core
+            run = Run(config, trainer.objective, trainer.accelerator, trainer.student, trainer.teacher,
+                      core.config.image_token_id, core.config.vision_config.spatial_merge_size,
+                      student_capture, teacher_capture)
+            trainer.log_config(
+                start_step=trainer.step, qat_modules=len(trainer.qat_modules),
+                trainable_parameters=sum(p.numel() for p in trainer.trainable),
+                student_parameters=sum(p.numel() for p in core.parameters()),
+                teacher_parameters=sum(p.numel() for p in trainer.teacher.parameters()) if trainer.teacher else None)
+            progress = tqdm(total=config.steps, initial=trainer.step, disable=not trainer.is_main, desc="train",
+                            dynamic_ncols=True)
+            started, first_step = time.perf_counter(), trainer.step
+            while trainer.step < config.steps:
+                last = trainer.optimizer_step(run, stop_request.requested())
+                stop = last.pop("stop") or (config.stop_after is not None and trainer.step >= config.stop_after)
+                done = trainer.step - first_step
+                last["eta_s"] = (time.perf_counter() - started) / done * (config.steps - trainer.step)
+                trainer.log.write("step", **last)
+                show_progress(progress, last, config, trainer.is_main)
+                if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps or stop:
+                    trainer.save()
+                if stop and trainer.step < config.steps:
                     progress.close()
-                    reason = stop_request.reason if summary["stop"] else f"stop_after={config.stop_after}"
-                    if main and (out / STOP_FILE).exists():
-                        (out / STOP_FILE).unlink()      # consumed: a resumed run should not stop at once
-                    log.write("end", time=time.time(), outcome="stopped", step=step, reason=reason, error=None,
-                              outputs=outputs)
-                    return TrainResult("stopped", step, out, out / METRICS_FILE, outputs.get("checkpoint"), last=last)
-                stop = step >= config.steps
+                    if trainer.is_main and (trainer.out / STOP_FILE).exists():
+                        (trainer.out / STOP_FILE).unlink()      # consumed: the resumed run should not stop at once
+                    reason = stop_request.reason if stop_request.requested() else f"stop_after={config.stop_after}"
+                    trainer.end("stopped", reason=reason)
+                    return TrainResult("stopped", trainer.step, trainer.out, trainer.out / METRICS_FILE,
+                                       trainer.outputs.get("checkpoint"), last=last)
             progress.close()
-
-        if saved_step != step:
-            boundary_rng = rng_state()
-            save()
-        if main:
-            outputs.update(export_release(student_core, processor, qat_config, config.bits, out))
-        accelerator.wait_for_everyone()
-        log.write("end", time=time.time(), outcome="finished", step=step, error=None, outputs=outputs)
-        return TrainResult("finished", step, out, out / METRICS_FILE, outputs.get("checkpoint"), outputs.get("final"),
-                           outputs.get("export"), last)
+        if trainer.saved_step != trainer.step:
+            trainer.save()
+        trainer.export()
+        trainer.end("finished")
+        outputs = trainer.outputs
+        return TrainResult("finished", trainer.step, trainer.out, outputs["metrics"], outputs.get("checkpoint"),
+                           outputs.get("final"), outputs.get("export"), last)
     except BaseException as err:
-        # Save what can be saved: the last completed step (one process only: others may be stuck in a collective).
-        if (checkpointer is not None and consistent and boundary_rng is not None and step > 0
-                and saved_step != step and accelerator.num_processes == 1):
-            try:
-                save(sync=False)
-            except Exception as save_err:  # the original error matters more
-                print(f"could not save a checkpoint after the failure: {save_err}", file=sys.stderr)
-        log.write("end", time=time.time(), outcome="failed", step=step, error=f"{type(err).__name__}: {err}",
-                  outputs=outputs)
+        trainer.save_after_failure()
+        trainer.end("failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
-        log.close()
+        trainer.log.close()
+
+
+def show_progress(progress, line: dict, config: TrainConfig, is_main: bool) -> None:
+    progress.update(1)
+    progress.set_postfix(loss=_fmt(line["loss"], 3), ce=_fmt(line["ce"], 3), beta=_fmt(line["beta"], 3),
+                         cka=_fmt(line["cka"], 3), refresh=False)
+    if is_main and (line["step"] % config.log_every == 0 or line["step"] == config.steps):
+        progress.write(f"step {line['step']}/{config.steps}  loss {_fmt(line['loss'])}  ce {_fmt(line['ce'])}  "
+                       f"gdkd {_fmt(line['gdkd'])}  cka {_fmt(line['cka'])}  beta {_fmt(line['beta'])}  "
+                       f"lr {line['lr']:.3g}  {line['tokens_per_s']:.0f} tok/s  eta {_duration(line['eta_s'])}")
 
 
 def export_release(student, processor, qat_config, bits: int, out: Path) -> dict:
@@ -801,13 +880,12 @@ def export_release(student, processor, qat_config, bits: int, out: Path) -> dict
 # -- command line ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m grace train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = TrainConfig.__dataclass_fields__
+    """One --option per TrainConfig field. Defaults are SUPPRESSed: only the options given appear in
+    the parsed namespace, so --resume can take the rest from the checkpoint's saved configuration."""
+    parser = argparse.ArgumentParser(prog="python -m grace train", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(TrainConfig):
-        name, default, help_text = "--" + f.name.replace("_", "-"), f.default, f.metadata.get("help", "")
-        # SUPPRESS: only options given on the command line appear, so --resume can fill in the rest.
-        kwargs = dict(default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        name, default = "--" + f.name.replace("_", "-"), f.default
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {default})")
         if isinstance(default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, tuple):
@@ -816,13 +894,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(name, type=int, choices=(4, 8, 16), **kwargs)
         elif f.name == "objective":
             parser.add_argument(name, choices=OBJECTIVES, **kwargs)
+        elif f.name in ("max_length", "stop_after"):
+            parser.add_argument(name, type=int, **kwargs)
         else:
-            kind = type(default) if default is not None and not isinstance(default, str) else None
-            if f.name in ("max_length", "stop_after"):
-                kind = int
-            parser.add_argument(name, type=kind or str, **kwargs)
-    del defaults
-    parser.formatter_class = argparse.HelpFormatter
+            parser.add_argument(name, type=str if default is None else type(default), **kwargs)
     return parser
 
 
@@ -843,7 +918,5 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = train(config)
-    where = result.export or result.final or result.checkpoint
-    print(f"{result.outcome} at step {result.step}; metrics in {result.metrics}" + (f"; model in {where}" if where else ""))
+    train(config)    # prints where the results are; raises on failure
     return 0

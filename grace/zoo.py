@@ -44,10 +44,10 @@ class ZooRecipe:
     """Sizes, steps and optimiser settings of the whole family (defaults: the measured working recipe)."""
 
     teacher: TinyConfig = field(default_factory=TinyConfig)
-    # The student keeps the teacher's vision tower width (the part that must learn to tell shapes
-    # apart) and halves the language model's depth and MLP: the "2B" role. Widths stay multiples of
-    # 128 so every linear has whole groups of 128 input columns for W4G128 / W8G128.
-    student: TinyConfig = field(default_factory=lambda: TinyConfig(layers=1, intermediate=256))
+    # The student (the "2B" role) has half the vision tower's depth and a narrower MLP. It keeps
+    # two decoder layers (R-CKA aligns the penultimate one) and widths that are multiples of 128,
+    # so every linear has whole groups of 128 input columns for W4G128 / W8G128.
+    student: TinyConfig = field(default_factory=lambda: TinyConfig(intermediate=256, vision_depth=1))
     teacher_steps: int = 8000
     student_steps: int = 8000
     qat_steps: int = 1500
@@ -119,10 +119,11 @@ class ZooBuilder:
 
         loaded = grace.load(folder, device="cpu", dtype=torch.float32)
         result = evaluate(loaded, "shapes-test", limit=self.recipe.eval_questions, progress=True)
+        held = grace.load(folder, device="cpu", dtype=torch.bfloat16)     # bytes as deployed (bf16 + packed)
         language = sum(t.numel() * t.element_size() for n, t in
-                       list(loaded.model.named_parameters()) + list(loaded.model.named_buffers())
+                       list(held.model.named_parameters()) + list(held.model.named_buffers())
                        if "language_model" in n or n.startswith("lm_head"))
-        card.update(kind=loaded.kind, format=loaded.format, weight_bytes=loaded.weight_bytes,
+        card.update(kind=loaded.kind, format=loaded.format, weight_bytes=held.weight_bytes,
                     language_model_bytes=language, accuracy=result.accuracy, per_type=result.per_type, n=result.n)
         self.record["stages"].setdefault(name, {}).update(card)
         self._save_record()
@@ -131,7 +132,8 @@ class ZooBuilder:
                  f"- architecture: Qwen3-VL, {card['config']}",
                  f"- training: {card['training']}",
                  "- data: the shapes task (grace.data.shapes), a fresh 64x64 image for every sample",
-                 f"- weights held: {loaded.weight_bytes / 1e6:.2f} MB (language model {language / 1e6:.2f} MB)",
+                 f"- weights held (bf16 activations): {held.weight_bytes / 1e6:.2f} MB (language model "
+                 f"{language / 1e6:.2f} MB)",
                  f"- shapes test accuracy ({result.n} questions, greedy): {result.accuracy:.3f} — "
                  + ", ".join(f"{k} {v:.2f}" for k, v in result.per_type.items()),
                  f"- built by `python -m grace zoo build` (stage CPU time {card.get('cpu_s', 0):.0f} s)", ""]

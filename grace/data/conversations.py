@@ -137,7 +137,8 @@ class Collator:
         encoded, image_tokens = {}, 0
         if image is not None:
             if not isinstance(image, Image.Image):
-                raise DataError(f"sample {record.get('id')!r}: 'image' must be opened first (got {type(image).__name__})")
+                raise DataError(f"sample {record.get('id')!r}: 'image' must be a PIL image here, "
+                                f"got {type(image).__name__}")
             pixels = self.processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")
             encoded = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
             image_tokens = int(pixels["image_grid_thw"][0].prod()) // self.merge_size ** 2

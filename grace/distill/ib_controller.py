@@ -1,4 +1,4 @@
-"""Adaptive information-bottleneck controller: steers the R-CKA weight beta from the GDKD loss."""
+"""Adaptive information-bottleneck controller: steers the weight beta of the gated-DKD term from its own loss."""
 
 from __future__ import annotations
 
