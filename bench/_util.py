@@ -89,11 +89,16 @@ def add_common_args(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path (default bench/results/<name>.json)")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
+    parser.add_argument("--max-wait", type=float, default=15.0,
+                        help="seconds to wait, before each timing round, for other processes to leave the CPUs "
+                             "idle (0: never wait)")
 
 
-def apply_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+def apply_args(args) -> None:
+    global MAX_WAIT_S
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    MAX_WAIT_S = args.max_wait
 
 
 # -- timing ----------------------------------------------------------------------------------------
@@ -136,11 +141,12 @@ class CpuMonitor:
 
 
 MONITOR = CpuMonitor()
+MAX_WAIT_S = 15.0
 QUIET_CORES = 0.25        # a round counts as quiet when other processes used less than this many cores
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, target_s: float = 0.02,
-                     warmup: int = 2, max_inner: int = 2000, max_wait_s: float = 15.0) -> tuple[dict[str, list[float]], dict]:
+                     warmup: int = 2, max_inner: int = 2000, max_wait_s: float | None = None) -> tuple[dict[str, list[float]], dict]:
     """Seconds per call of each fn: `rounds` samples each, the fns interleaved within every round.
 
     Before each round we wait (up to `max_wait_s`) for the other processes on the machine to go
@@ -162,7 +168,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, target_s
     gc.disable()
     try:
         for r in range(rounds):
-            MONITOR.wait_quiet(max_wait_s)
+            MONITOR.wait_quiet(MAX_WAIT_S if max_wait_s is None else max_wait_s)
             mark = MONITOR.start()
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:

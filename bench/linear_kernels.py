@@ -259,13 +259,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     U.add_common_args(parser)
     args = parser.parse_args(argv)
-    U.apply_threads(args.threads)
+    U.apply_args(args)
     info = U.machine_info()
     quick = args.quick
     shapes = SHAPES[1:2] if quick else SHAPES
     rounds = 5 if quick else 25
     sweep_rounds = 3 if quick else 11
-    int8_ms = [1, 2, 4, 8, 16] if quick else [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    int8_ms = [1, 2, 4, 8, 16] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     int4_ms = [1, 2, 4, 8, 16] if quick else [1, 2, 4, 8, 12, 16, 24, 32]
     print(f"machine: {U.machine_line(info)}", file=sys.stderr)
 

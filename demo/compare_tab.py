@@ -7,15 +7,18 @@ the variants answer at the same time instead of one listener after another.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
+
+from grace.chat import agreed_prefix
 
 from . import charts, validate
 from .families import Family, Registry
@@ -71,18 +74,6 @@ class Column:
                 "share_identical": self.share_identical, "error": self.error}
 
 
-def agreed_prefix(tokenizer, token_ids: list[int], index: int, text: str) -> str:
-    """The start of `text` spelled by its first `index` tokens (what it shares with the reference).
-
-    Byte-level tokens can end mid-character, so the prefix is matched against the text instead of
-    trusting a decode of the first tokens alone.
-    """
-    # TODO(lead): move to grace (e.g. grace.chat.text_at_token(processor, token_ids, index)).
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    prefix = tokenizer.decode([t for t in token_ids[:index] if t not in special]).strip()
-    return text[: len(os.path.commonprefix([text, prefix]))]
-
-
 class CompareRun:
     """Threads answering one question with several variants; `updates()` yields as they progress."""
 
@@ -133,8 +124,7 @@ class CompareRun:
                 column.status = "answering"
                 column.tokenizer = loaded.processor.tokenizer
                 column.weight_bytes = loaded.weight_bytes
-                column.peak_kind = "peak GPU memory allocated" if loaded.device.type == "cuda" \
-                    else "peak resident memory of the server process"
+                column.peak_kind = "GPU allocated" if loaded.device.type == "cuda" else "process RSS"
                 self._bump()
                 for generation in stream(loaded, self.image, self.question, self.generation):
                     column.text, column.token_ids = generation.text, list(generation.token_ids)
@@ -142,14 +132,15 @@ class CompareRun:
                     column.tokens_per_s = generation.tokens_per_s
                     column.peak_bytes = generation.peak_bytes
                     self._bump()
-                    if self._stop.is_set():   # the user went away: stop reading, let the model finish
+                    if self._stop.is_set():   # the user went away: closing the stream stops generate()
                         break
             column.status = "done"
         except (GraceLoadError, CacheError) as err:
             column.error, column.status = f"Could not load this model: {err}", "error"
         except Exception as err:  # one failing variant must not take the others or the server down
             log.exception("variant %s failed", column.label)
-            column.error, column.status = f"Failed while answering: {type(err).__name__}: {err}", "error"
+            doing = "loading this model" if column.status == "loading" else "answering"
+            column.error, column.status = f"Failed while {doing}: {type(err).__name__}: {err}", "error"
         finally:
             self._bump()
 
@@ -191,29 +182,40 @@ class CompareRun:
 
 # -- checking requests ----------------------------------------------------------------------------------
 
-class CheckedImage(gr.Image):
-    """gr.Image that decodes uploads itself: a non-image, a truncated file or a decompression bomb
-    becomes a clear gr.Error instead of an exception deep inside PIL."""
+class BadImage(validate.InvalidInput):
+    """What `decode_upload` hands on for an upload that is not a usable image; its message says why."""
 
-    is_template = True   # rendered by the frontend as a plain Image
 
-    def __init__(self, *args, max_pixels: int = 25_000_000, **kwargs):
-        self.max_pixels = max_pixels
-        super().__init__(*args, type="filepath", image_mode=None, **kwargs)
+def decode_upload(plain_preprocess, max_pixels: int, payload):
+    """Preprocess of the app's image inputs: the checked RGB image, or a BadImage saying what is wrong.
 
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        try:
-            path = super().preprocess(payload)   # stores the upload; PIL reads the header only
-        except gr.Error:
-            raise
-        except Exception as err:  # PIL / decoding errors of every kind: the file is not a usable image
-            raise gr.Error(f"That upload is not an image this app can read ({type(err).__name__}).") from None
-        try:
-            return validate.open_image(path, self.max_pixels)
-        except validate.InvalidInput as err:
-            raise gr.Error(str(err)) from None
+    A non-image, a truncated file or a decompression bomb would otherwise fail deep inside PIL with
+    a generic error; as a BadImage, the UI's validator shows its message under the image and the API
+    raises it.
+    """
+    if payload is None:
+        return None
+    try:
+        path = plain_preprocess(payload)    # gr.Image(type="filepath"): stores the upload, reads the header
+    except Image.DecompressionBombError:
+        return BadImage(f"The image is too large: more than {max_pixels:,} pixels. Please upload a smaller image.")
+    except Exception as err:  # PIL / decoding errors of every kind: the file is not a usable image
+        return BadImage(f"That upload is not an image this app can read ({type(err).__name__}).")
+    try:
+        return validate.open_image(path, max_pixels)
+    except validate.InvalidInput as err:
+        return BadImage(str(err))
+
+
+def checked_image(max_pixels: int, **kwargs) -> gr.Image:
+    """A gr.Image whose uploads go through `decode_upload`.
+
+    The instance's preprocess is replaced rather than gr.Image subclassed: gradio's component
+    metaclass writes a .pyi copy of any module that defines a component subclass.
+    """
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    image.preprocess = functools.partial(decode_upload, image.preprocess, max_pixels)
+    return image
 
 
 def parse_variants(text: str | list | None, family: Family) -> list[str]:
@@ -259,6 +261,8 @@ class CompareTab:
                 family.variant(label)
             if image is None:
                 raise validate.InvalidInput("Please upload an image (or pick one of the examples).")
+            if isinstance(image, BadImage):
+                raise image
             question = validate.check_question(question, self.settings.max_question_chars)
             tokens, temp, nucleus = validate.check_generation(max_new_tokens, temperature, top_p,
                                                               self.settings.max_new_tokens)
@@ -277,29 +281,36 @@ class CompareTab:
         run = self.prepare(family_name, labels, image, question, max_new_tokens, mode == "sampling",
                            temperature, top_p, seed)
         run.start()
-        for state in run.updates():
-            yield self.render(state, final=state.finished)
+        for i, state in enumerate(run.updates()):
+            yield self.render(state, final=state.finished, first=i == 0)
 
     @on_gpu
-    def run_api(self, family_name, variants, image, question, max_new_tokens, sampling, temperature, top_p, seed):
+    def run_api(self, family, variants, image, question, max_new_tokens, sampling, temperature, top_p, seed):
         """`compare` API endpoint: the finished answers and metrics of every column as one JSON dict."""
         try:
-            family = self.registry.get(family_name)
-            labels = parse_variants(variants, family)
+            labels = parse_variants(variants, self.registry.get(family))
         except KeyError as err:
             raise gr.Error(str(err.args[0])) from None
         except validate.InvalidInput as err:
             raise gr.Error(str(err)) from None
-        run = self.prepare(family_name, labels, image, question, max_new_tokens, sampling, temperature, top_p,
-                           seed)
+        run = self.prepare(family, labels, image, question, max_new_tokens, sampling, temperature, top_p, seed)
         run.start()
         for _ in run.updates():
             pass
-        return {"family": family.name, **run.result()}
+        return {"family": family, **run.result()}
+
+    def families(self) -> dict:
+        """`families` API endpoint: what `compare` accepts as family and variants."""
+        result = {}
+        for name in self.registry.names():
+            family = self.registry.get(name)
+            result[name] = {"variants": [{"label": v.label, "kind": v.kind, "default": v.default}
+                                         for v in family.variants], "note": family.note}
+        return {"default": self.registry.default, "families": result}
 
     # -- rendering ------------------------------------------------------------------------------------
 
-    def render(self, run: CompareRun, final: bool) -> list:
+    def render(self, run: CompareRun, final: bool, first: bool = False) -> list:
         outputs = []
         for i in range(MAX_COLUMNS):
             if i < len(run.columns):
@@ -310,7 +321,8 @@ class CompareTab:
             else:
                 outputs += [gr.Column(visible=False), gr.HighlightedText(value=None), ""]
         answered = [c.as_dict() for c in run.columns if c.status == "done"]
-        outputs.append(charts.compare_figure(answered) if final and answered else gr.skip())
+        # The chart is drawn once every column has finished; the previous question's chart goes at once.
+        outputs.append(charts.compare_figure(answered) if final and answered else None if first else gr.skip())
         outputs.append(self.cache.summary())
         return outputs
 
@@ -328,12 +340,12 @@ class CompareTab:
     @staticmethod
     def metrics_markdown(column: Column, reference: str | None) -> str:
         if column.status == "error":
-            return f"⚠️ **{column.error}**"
+            return f"**Error.** {column.error}"
         if column.status == "loading":
-            return "⏳ Loading the model (first use; it stays cached)…"
+            return "*Loading the model (first use; it stays cached)…*"
         if column.status == "waiting":
-            return "⏳ Waiting…"
-        state = "✅ done" if column.status == "done" else "✍️ answering…"
+            return "*Waiting…*"
+        state = "**done**" if column.status == "done" else "*answering…*"
         if column.load_s is not None:
             state += f" (loaded in {column.load_s:.1f} s)"
 
@@ -345,7 +357,7 @@ class CompareTab:
                  f"first token **{secs(column.ttft_s)}** · **{speed}** tokens/s · total **{secs(column.total_s)}** "
                  f"({len(column.token_ids)} tokens)",
                  f"weights **{human_bytes(column.weight_bytes)}** · peak **{human_bytes(column.peak_bytes)}**"
-                 + (f" <span title='{column.peak_kind}'>ⓘ</span>" if column.peak_kind else "")]
+                 + (f" ({column.peak_kind})" if column.peak_kind else "")]
         if column.label == reference:
             lines.append("reference for agreement")
         elif column.share_identical is not None:
@@ -382,7 +394,9 @@ class CompareTab:
         problem = validate.question_problem(question, self.settings.max_question_chars)
         return [gr.validate(True, ""),
                 gr.validate(bool(labels), "Pick at least one model variant."),
-                gr.validate(image is not None, "Please upload an image (or pick one of the examples)."),
+                gr.validate(image is not None and not isinstance(image, BadImage),
+                            str(image) if isinstance(image, BadImage) else
+                            "Please upload an image (or pick one of the examples)."),
                 gr.validate(problem is None, problem or ""),
                 gr.validate(True, ""), gr.validate(True, ""), gr.validate(True, ""), gr.validate(True, ""),
                 gr.validate(True, "")]
@@ -392,14 +406,18 @@ class CompareTab:
         families = self.registry.names()
         default = self.registry.default
         family = self.registry.get(default) if default else None
+        question = gr.Textbox(label="Question", placeholder="Ask something about the image", render=False,
+                              max_length=settings.max_question_chars, lines=2, elem_id="compare-question")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                image = CheckedImage(label="Image", sources=["upload", "clipboard"], height=300,
-                                     max_pixels=settings.max_image_pixels, elem_id="compare-image")
+                image = checked_image(settings.max_image_pixels, label="Image", sources=["upload", "clipboard"],
+                                      height=300, elem_id="compare-image")
                 examples = self.examples()
+                if examples:
+                    gr.Examples(examples, inputs=[image, question], label="Examples (shapes task)",
+                                examples_per_page=6)
             with gr.Column(scale=1):
-                question = gr.Textbox(label="Question", placeholder="Ask something about the image",
-                                      max_length=settings.max_question_chars, lines=2, elem_id="compare-question")
+                question.render()
                 family_box = gr.Dropdown(families, value=default, label="Model family", elem_id="compare-family")
                 family_note = gr.Markdown(f"<small>{family.note}</small>" if family else "")
                 variants = gr.CheckboxGroup(family.labels if family else [],
@@ -414,8 +432,6 @@ class CompareTab:
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
                     seed = gr.Number(0, precision=0, label="Seed (sampling)")
                 ask = gr.Button("Ask all variants", variant="primary", elem_id="compare-ask")
-        if examples:
-            gr.Examples(examples, inputs=[image, question], label="Examples (shapes task)")
         labels = family.default_labels if family else []
         containers, answers, metrics = [], [], []
         with gr.Row(equal_height=True):
@@ -423,10 +439,10 @@ class CompareTab:
                 with gr.Column(visible=i < len(labels), min_width=220, elem_classes=["answer-column"]) as box:
                     answers.append(gr.HighlightedText(label=labels[i] if i < len(labels) else "",
                                                       color_map={DIVERGES: "#fdba74"}, combine_adjacent=True,
-                                                      show_legend=False, elem_id=f"answer-{i}"))
+                                                      show_legend=False, show_inline_category=False, elem_id=f"answer-{i}"))
                     metrics.append(gr.Markdown(elem_id=f"metrics-{i}"))
                 containers.append(box)
-        chart = gr.Plot(label="Memory and speed", elem_id="compare-chart")
+        chart = gr.Plot(label="Memory and speed", show_label=False, elem_id="compare-chart")
         cache_line = gr.Markdown(self.cache.summary(), elem_id="cache-summary")
 
         column_outputs = [x for trio in zip(containers, answers) for x in trio]
@@ -444,8 +460,8 @@ class CompareTab:
         # The `compare` API endpoint: plain inputs checked on the server (browser-side choices do not apply).
         with gr.Group(visible=False):
             api_family = gr.Textbox(label="family")
-            api_variants = gr.Textbox(label="variants (comma-separated or JSON list; empty: the family's defaults)")
-            api_image = CheckedImage(label="image", max_pixels=settings.max_image_pixels)
+            api_variants = gr.Textbox("", label="variants (comma-separated or JSON list; empty: the family's defaults)")
+            api_image = checked_image(settings.max_image_pixels, label="image")
             api_question = gr.Textbox(label="question")
             api_tokens = gr.Number(64, label="max_new_tokens", precision=0)
             api_sampling = gr.Checkbox(False, label="sampling")
@@ -454,7 +470,10 @@ class CompareTab:
             api_seed = gr.Number(0, label="seed", precision=0)
             api_result = gr.JSON(label="result")
             api_button = gr.Button("compare")
+            families_button = gr.Button("families")
         api_button.click(self.run_api, [api_family, api_variants, api_image, api_question, api_tokens, api_sampling,
                                         api_temperature, api_top_p, api_seed], api_result, api_name="compare",
                          concurrency_id="compare",
                          api_description="Every variant answers; returns each column's text and metrics.")
+        families_button.click(self.families, None, api_result, api_name="families", concurrency_limit=None,
+                              api_description="The model families and their variants (labels for `compare`).")

@@ -236,12 +236,16 @@ def build_registry(settings: Settings, on_gpu: bool = False) -> Registry:
 
 
 def trained_family(run_name: str, outputs: dict[str, str], teacher: Variant | None, bits: int) -> Family:
-    """The family a finished training run adds to Compare: its exports next to the teacher (the BF16 reference)."""
-    labels = {"final": f"trained ({'BF16' if bits == 16 else f'W{bits} QAT'})", "awq": "trained W4G128-AWQ",
-              "int8": "trained W8G128 (packed INT8)"}
+    """The family a finished training run adds to Compare: its releases next to the teacher (the BF16 reference).
+
+    outputs is the trainer's end record: final/ (QAT release, or bf16 for 16 bits) and export/ (AWQ INT4 or
+    packed INT8); training checkpoints and the metrics file are not loadable models and are left out.
+    """
+    labels = {"final": "trained BF16" if bits == 16 else f"trained W{bits}G128 (QAT release)",
+              "export": "trained W4G128-AWQ" if bits == 4 else "trained W8G128 (packed INT8)"}
     variants = [Variant(f"teacher: {teacher.label}", teacher.source, teacher.kind)] if teacher else []
+    fallback = "bf16" if bits == 16 else f"int{bits}"
     for key, path in outputs.items():
-        if path and is_checkpoint(Path(path)):
-            fallback = "bf16" if bits == 16 else f"int{bits}"
-            variants.append(Variant(labels.get(key, key), str(path), detect_kind(str(path), fallback)))
+        if key in labels and path and is_checkpoint(Path(path)):
+            variants.append(Variant(labels[key], str(path), detect_kind(str(path), fallback)))
     return Family(TRAINED_PREFIX + run_name, variants, f"Checkpoints written by the training run {run_name}.")

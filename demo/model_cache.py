@@ -125,7 +125,7 @@ class ModelCache:
             self._loading[source] = need
         try:
             started = time.perf_counter()
-            loaded = self._load(source)
+            loaded = self._load(source)   # grace.load serialises the model building itself
             log.info("loaded %s in %.1f s", source, time.perf_counter() - started)
         except BaseException:
             with self._cond:

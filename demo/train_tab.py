@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -34,6 +35,21 @@ SEP = " › "                 # "family › variant" in the teacher / student li
 STOP_TERM_AFTER_S = 15.0    # after Stop: SIGTERM if the trainer has not ended by then ...
 STOP_KILL_AFTER_S = 30.0    # ... and SIGKILL after this
 ACTIVE = ("starting", "running", "stopping")
+# Form defaults when grace.trainer cannot be read; normally its TrainConfig's own defaults are shown.
+FALLBACK_DEFAULTS = {"lr": 2e-5, "scale_lr": 1e-4, "tau": 1.0, "eta": 0.01, "omega": 1.0, "temperature": 2.0}
+
+
+def trainer_defaults() -> dict[str, float]:
+    try:
+        import dataclasses
+
+        from grace.trainer import TrainConfig
+
+        fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        return {name: float(fields.get(name, value)) for name, value in FALLBACK_DEFAULTS.items()}
+    except Exception as err:  # the form still works with the documented defaults
+        log.warning("could not read grace.trainer's defaults (%s); using built-in ones", err)
+        return dict(FALLBACK_DEFAULTS)
 
 
 class JobBusy(RuntimeError):
@@ -48,16 +64,17 @@ class TrainRequest:
     steps: int
     data: str
     lr: float
+    scale_lr: float
     tau: float
     eta: float
     omega: float
     temperature: float
 
     def argv(self, out_dir: Path) -> list[str]:
-        return ["--teacher", self.teacher.source, "--student", self.student.source, "--bits", str(self.bits),
-                "--steps", str(self.steps), "--data", self.data, "--out", str(out_dir), "--lr", repr(self.lr),
-                "--tau", repr(self.tau), "--eta", repr(self.eta), "--omega", repr(self.omega),
-                "--temperature", repr(self.temperature)]
+        options = {"teacher": self.teacher.source, "student": self.student.source, "bits": self.bits,
+                   "steps": self.steps, "data": self.data, "out": out_dir, "lr": self.lr, "scale-lr": self.scale_lr,
+                   "tau": self.tau, "eta": self.eta, "omega": self.omega, "temperature": self.temperature}
+        return [part for name, value in options.items() for part in (f"--{name}", str(value))]
 
 
 @dataclass
@@ -274,16 +291,26 @@ def progress_html(status: dict) -> str:
 def status_markdown(status: dict) -> str:
     state = status.get("state", "idle")
     if status.get("error"):
-        return f"⚠️ **Training {state}.**\n\n```\n{status['error']}\n```"
+        return f"**Training {state}.**\n\n```\n{status['error']}\n```"
     if state == "finished":
-        return "✅ **Training finished.** Press *Compare the trained model* to try it in the Compare tab."
+        return "**Training finished.** Press *Compare the trained model* to try it in the Compare tab."
     if state == "stopped":
-        return "⏹️ **Training stopped**; the last checkpoint was kept."
+        where = (status.get("outputs") or {}).get("checkpoint") or status.get("out_dir")
+        return (f"**Training stopped** at step {status.get('step', 0)}; the last checkpoint was kept in "
+                f"`{where}`. Continue it with `python -m grace train --resume {status.get('out_dir')}`.")
     if state == "stopping":
-        return "⏹️ Stopping: the trainer is writing its checkpoint…"
+        return "*Stopping: the trainer is writing its checkpoint…*"
     if state in ("starting", "running"):
-        return "🏃 Training… (the panels refresh every second)"
+        return "*Training… (the panels refresh every second)*"
     return ""
+
+
+def thin(steps: list[dict], most: int = 1000) -> list[dict]:
+    """At most about `most` evenly spread step records (and the last), so long runs redraw cheaply."""
+    if len(steps) <= most:
+        return steps
+    every = -(-len(steps) // most)
+    return steps[::every] + ([steps[-1]] if (len(steps) - 1) % every else [])
 
 
 class TrainTab:
@@ -318,7 +345,7 @@ class TrainTab:
 
     # -- actions (UI and API) -------------------------------------------------------------------------
 
-    def start(self, teacher, student, bits, steps, lr, tau, eta, omega, temperature, data) -> dict:
+    def start(self, teacher, student, bits, steps, lr, scale_lr, tau, eta, omega, temperature, data) -> dict:
         models = self.model_choices()
         problems = []
         if teacher not in models:
@@ -333,11 +360,11 @@ class TrainTab:
             steps = int(steps)
             if not 1 <= steps <= self.settings.train_max_steps:
                 problems.append(f"steps must be between 1 and {self.settings.train_max_steps}")
-            numbers = [float(x) for x in (lr, tau, eta, omega, temperature)]
-            if not all(x == x and abs(x) != float("inf") for x in numbers) or numbers[0] <= 0 or numbers[4] <= 0:
-                problems.append("learning rate and temperature must be positive; τ, η, ω finite numbers")
+            numbers = [float(x) for x in (lr, scale_lr, tau, eta, omega, temperature)]
+            if not all(math.isfinite(x) for x in numbers) or min(numbers[0], numbers[1], numbers[5]) <= 0:
+                problems.append("learning rates and temperature must be positive; τ, η, ω finite numbers")
         except (TypeError, ValueError):
-            problems.append("steps, learning rate, τ, η, ω and temperature must be numbers")
+            problems.append("steps, learning rates, τ, η, ω and temperature must be numbers")
         if problems:
             raise gr.Error("Cannot start training: " + "; ".join(problems) + ".")
         request = TrainRequest(models[teacher], models[student], BITS[bits], steps, data, *numbers)
@@ -357,11 +384,18 @@ class TrainTab:
     def status(self) -> dict:
         return self.manager.poll()
 
-    def to_compare(self, compare_family_value):
+    @staticmethod
+    def has_models(status: dict) -> bool:
+        outputs = status.get("outputs") or {}
+        return any(key in ("final", "export") and path and (Path(path) / "config.json").is_file()
+                   for key, path in outputs.items())
+
+    def to_compare(self):
         status = self.manager.poll()
         job = self.manager.job
-        if job is None or status["state"] in ACTIVE or not status.get("outputs"):
-            raise gr.Error("No finished run with checkpoints to compare yet.")
+        if job is None or status["state"] in ACTIVE or not self.has_models(status):
+            raise gr.Error("No finished run with a trained model to compare yet (a stopped run keeps a training "
+                           "checkpoint, which can be resumed but not loaded).")
         family = trained_family(job.run, status["outputs"], job.request.teacher, job.request.bits)
         if len(family.variants) < 2:
             raise gr.Error(f"The run {job.run} left no loadable checkpoint ({status['outputs']}).")
@@ -378,8 +412,8 @@ class TrainTab:
         active = status["state"] in ACTIVE
         if drawn == marker:
             return [gr.skip()] * 8 + [gr.Timer(active=active), drawn]
-        steps = self.manager.steps()
-        finished_with_outputs = not active and bool(status.get("outputs")) and status["state"] != "idle"
+        steps = thin(self.manager.steps())
+        finished_with_outputs = not active and status["state"] != "idle" and self.has_models(status)
         return [progress_html(status), status_markdown(status), charts.losses_figure(steps),
                 charts.cka_figure(steps), charts.ib_figure(steps), charts.gate_figure(steps),
                 gr.Button(visible=finished_with_outputs), gr.Button(interactive=active),
@@ -387,7 +421,7 @@ class TrainTab:
 
     def build(self, compare_family: gr.Dropdown, tabs: gr.Tabs) -> None:
         settings = self.settings
-        models = list(self.model_choices())
+        models = [(f"{v.label} ({key.split(SEP)[0]})", key) for key, v in self.model_choices().items()]
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=320):
                 teacher = gr.Dropdown(models, value=self.default_model("teacher"), label="Teacher",
@@ -398,12 +432,14 @@ class TrainTab:
                 data = gr.Dropdown(self.data_choices(), value="shapes", label="Training data")
                 steps = gr.Number(200, precision=0, minimum=1, maximum=settings.train_max_steps, label="Steps",
                                   elem_id="train-steps")
+                defaults = trainer_defaults()
                 with gr.Accordion("Hyper-parameters", open=False):
-                    lr = gr.Number(1e-4, label="Learning rate")
-                    tau = gr.Number(1.0, label="τ (target of the L_GDKD EMA)")
-                    eta = gr.Number(0.01, label="η (IB controller step size)")
-                    omega = gr.Number(0.5, label="ω (RCKA weight)")
-                    temperature = gr.Number(2.0, label="Distillation temperature")
+                    lr = gr.Number(defaults["lr"], label="Learning rate (weights)")
+                    scale_lr = gr.Number(defaults["scale_lr"], label="Learning rate (QAT step sizes)")
+                    tau = gr.Number(defaults["tau"], label="τ (target of the smoothed L_GDKD)")
+                    eta = gr.Number(defaults["eta"], label="η (IB controller gain)")
+                    omega = gr.Number(defaults["omega"], label="ω (R-CKA weight)")
+                    temperature = gr.Number(defaults["temperature"], label="Distillation temperature")
                 with gr.Row():
                     start = gr.Button("Start", variant="primary", elem_id="train-start")
                     stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="train-stop")
@@ -412,27 +448,27 @@ class TrainTab:
                 progress = gr.HTML(progress_html({"state": "idle"}), elem_id="train-progress")
                 message = gr.Markdown(elem_id="train-message")
                 with gr.Row():
-                    losses = gr.Plot(charts.losses_figure([]), label="Losses", elem_id="plot-losses")
-                    cka = gr.Plot(charts.cka_figure([]), label="CKA alignment", elem_id="plot-cka")
+                    losses = gr.Plot(charts.losses_figure([]), label="Losses", show_label=False, elem_id="plot-losses")
+                    cka = gr.Plot(charts.cka_figure([]), label="CKA alignment", show_label=False, elem_id="plot-cka")
                 with gr.Row():
-                    ib = gr.Plot(charts.ib_figure([]), label="IB controller", elem_id="plot-ib")
-                    gate = gr.Plot(charts.gate_figure([]), label="Confidence gate", elem_id="plot-gate")
+                    ib = gr.Plot(charts.ib_figure([]), label="IB controller", show_label=False, elem_id="plot-ib")
+                    gate = gr.Plot(charts.gate_figure([]), label="Confidence gate", show_label=False, elem_id="plot-gate")
         timer = gr.Timer(1.0, active=False)
         drawn = gr.State(None)
         panel = [progress, message, losses, cka, ib, gate, to_compare, stop, timer, drawn]
-        job_json = gr.JSON(visible=False)
+        job_json = gr.JSON(visible=False, label="status")
 
         refresh = dict(fn=self.redraw, inputs=[drawn], outputs=panel, api_visibility="private",
                        show_progress="hidden", concurrency_limit=None)
         timer.tick(**refresh)
-        start.click(self.start, [teacher, student, bits, steps, lr, tau, eta, omega, temperature, data], job_json,
+        start.click(self.start, [teacher, student, bits, steps, lr, scale_lr, tau, eta, omega, temperature, data], job_json,
                     api_name="train_start", concurrency_limit=None,
                     api_description="Start a GRACE training job (one per server); returns its status.") \
             .success(**refresh)
         stop.click(self.stop, None, job_json, api_name="train_stop", concurrency_limit=None,
                    api_description="Ask the running job to checkpoint and end; returns its status.") \
             .success(**refresh)
-        to_compare.click(self.to_compare, [compare_family], [compare_family, tabs], api_visibility="private")
+        to_compare.click(self.to_compare, None, [compare_family, tabs], api_visibility="private")
         self.refresh = refresh
 
         status_button = gr.Button(visible=False)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
 from PIL import Image
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .load import LoadedModel
@@ -74,6 +76,14 @@ class _QueueStreamer(BaseStreamer):
         self.queue.put(None)
 
 
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def _peak_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -86,15 +96,22 @@ def _peak_bytes(device: torch.device) -> int | None:
 
 
 def stream(loaded: LoadedModel, image: Image.Image | None, question: str,
-           settings: GenerationSettings | None = None) -> Iterator[Generation]:
-    """Yield the growing answer after every new token; the last one has `done=True`."""
+           settings: GenerationSettings | None = None, stop: threading.Event | None = None) -> Iterator[Generation]:
+    """Yield the growing answer after every new token; the last one has `done=True`.
+
+    Generation stops early when `stop` is set, or when the caller stops iterating (closing the
+    generator), so an abandoned answer does not run on to max_new_tokens in the background.
+    Sampling seeds torch's global RNG: answers sampled concurrently in one process are not reproducible.
+    """
     settings = settings or GenerationSettings()
     device = loaded.device
     inputs = build_inputs(loaded.processor, image, question, device)
     tokenizer = loaded.processor.tokenizer
     streamer = _QueueStreamer()
+    cancel = stop or threading.Event()
     kwargs = dict(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer,
-                  do_sample=settings.do_sample, pad_token_id=tokenizer.pad_token_id)
+                  do_sample=settings.do_sample, pad_token_id=tokenizer.pad_token_id,
+                  stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]))
     if settings.do_sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
     if device.type == "cuda":
@@ -116,15 +133,18 @@ def stream(loaded: LoadedModel, image: Image.Image | None, question: str,
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     special = set(tokenizer.all_special_ids)
-    while (token := streamer.queue.get()) is not None:
-        now = time.perf_counter() - start
-        if result.ttft_s is None:
-            result.ttft_s = now
-        result.token_ids.append(token)
-        result.total_s = now
-        result.text = tokenizer.decode([t for t in result.token_ids if t not in special]).strip()
-        yield result
-    worker.join()
+    try:
+        while (token := streamer.queue.get()) is not None:
+            now = time.perf_counter() - start
+            if result.ttft_s is None:
+                result.ttft_s = now
+            result.token_ids.append(token)
+            result.total_s = now
+            result.text = tokenizer.decode([t for t in result.token_ids if t not in special]).strip()
+            yield replace(result, token_ids=list(result.token_ids))   # a snapshot the caller may keep
+    finally:   # also on GeneratorExit: the consumer went away, so stop generating
+        cancel.set()
+        worker.join()
     if errors:
         raise errors[0]
     result.total_s = time.perf_counter() - start
@@ -139,6 +159,16 @@ def answer(loaded: LoadedModel, image: Image.Image | None, question: str,
     for final in stream(loaded, image, question, settings):
         pass
     return final
+
+
+def agreed_prefix(tokenizer, token_ids: list[int], index: int, text: str) -> str:
+    """The start of `text` spelled by its first `index` tokens (the part shared with a reference).
+
+    Byte-level tokens can end mid-character, so the decoded prefix is matched against the text
+    rather than trusted alone."""
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    prefix = tokenizer.decode([t for t in token_ids[:index] if t not in special]).strip()
+    return text[: len(os.path.commonprefix([text, prefix]))]
 
 
 def token_agreement(reference: list[int], other: list[int]) -> tuple[int | None, float]:

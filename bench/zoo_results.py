@@ -1,0 +1,92 @@
+"""The zoo's results table: accuracy (shapes test split and the independent renderer of tests/),
+bytes held and decode speed of every variant, laid out like the GRACE release's results table.
+
+    python bench/zoo_results.py [--test 500] [--alt 200] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+from _util import ROOT, add_common_args, apply_args, machine_info, machine_line, md_table, write_results
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+import torch  # noqa: E402
+
+import grace  # noqa: E402
+from grace.chat import GenerationSettings, answer  # noqa: E402
+from grace.evaluate import evaluate  # noqa: E402
+from grace.zoo import DEFAULT_OUT, VARIANTS  # noqa: E402
+
+ROWS = [("teacher", "Teacher (8B role)", "BF16"), ("student", "Student baseline (2B role), CE", "BF16"),
+        ("grace-bf16", "GRACE student", "BF16"), ("grace-w8g128", "GRACE student", "W8G128"),
+        ("grace-w4g128-awq", "GRACE student", "W4G128 (AWQ)"), ("ptq-rtn-w8g128", "PTQ round-to-nearest", "W8G128"),
+        ("ptq-rtn-w4g128", "PTQ round-to-nearest", "W4G128 (AWQ)"), ("qat-ce-w4g128", "QAT, CE only", "W4G128 (AWQ)")]
+
+
+def decode_speed(loaded, image, repeats: int = 5, tokens: int = 16) -> float:
+    """Median decode tokens/s (prefill excluded) of `tokens` forced new tokens."""
+    speeds = []
+    settings = GenerationSettings(max_new_tokens=tokens)
+    loaded.model.generation_config.min_new_tokens = tokens
+    for _ in range(repeats):
+        result = answer(loaded, image, "Describe the image.", settings)
+        if result.tokens_per_s:
+            speeds.append(result.tokens_per_s)
+    return statistics.median(speeds)
+
+
+def language_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if "language_model" in n or n.startswith("lm_head"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_common_args(parser)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--alt", type=int, default=200)
+    args = parser.parse_args()
+    apply_args(args)
+    from alt_shapes import alt_items
+    from grace.data.shapes import make_sample
+
+    alt = alt_items(args.alt)
+    image = make_sample("test", 0, 0).image
+    rows, payload = [], {"variants": {}}
+    for name, model, precision in ROWS:
+        folder = DEFAULT_OUT / name
+        if not (folder / "README.md").is_file():
+            print(f"skipping {name}: not built", file=sys.stderr)
+            continue
+        exact = grace.load(folder, device="cpu", dtype=torch.float32)
+        own = evaluate(exact, "shapes-test", limit=args.test, progress=True)
+        other = evaluate(exact, alt, progress=True)
+        held = grace.load(folder, device="cpu", dtype=torch.bfloat16)
+        speed = decode_speed(held, image)
+        entry = {"accuracy_test": own.accuracy, "per_type_test": own.per_type, "accuracy_alt": other.accuracy,
+                 "per_type_alt": other.per_type, "weight_bytes": held.weight_bytes,
+                 "language_model_bytes": language_bytes(held.model), "decode_tokens_per_s": speed}
+        payload["variants"][name] = entry
+        rows.append([model, precision, f"{own.accuracy:.3f}", f"{other.accuracy:.3f}",
+                     " / ".join(f"{own.per_type.get(t, 0):.2f}" for t in ("color", "count", "exist", "left", "describe")),
+                     f"{held.weight_bytes / 1e6:.2f}", f"{entry['language_model_bytes'] / 1e6:.2f}", f"{speed:.0f}"])
+    headers = ["Model", "Precision", f"shapes test ({args.test})", f"independent renderer ({args.alt})",
+               "color / count / exist / left / describe", "weights MB", "language model MB", "decode tok/s"]
+    info = machine_info()
+    table = md_table(headers, rows)
+    print(table)
+    print(f"\nMachine: {machine_line(info)}. Accuracy with fp32 activations, greedy; bytes and speed with bf16 "
+          "activations (INT8/INT4 linears packed).")
+    if not args.no_write:
+        payload.update(machine=info, table=table)
+        write_results("zoo_results", payload, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""A stand-in for `python -m grace train` in JobManager tests: writes metrics.jsonl the way the trainer does.
+
+    python tests/app_fake_trainer.py MODE --out DIR [--steps N] [any other trainer option]
+
+MODE: finish (N steps, then an end line), die (killed by SIGKILL after 2 steps, as the OOM killer would),
+stubborn (ignores STOP files and SIGTERM: only SIGKILL ends it), garbage (writes a non-JSON line, then a
+half-written line, then finishes).
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    mode, args = sys.argv[1], sys.argv[2:]
+    options = {args[i][2:]: args[i + 1] for i in range(0, len(args) - 1, 2) if args[i].startswith("--")}
+    out = Path(options["out"])
+    steps = int(options.get("steps", 5))
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(out / "metrics.jsonl", "a", buffering=1) as log:
+        log.write(json.dumps({"event": "config", **options}) + "\n")
+        if mode == "garbage":
+            log.write("not json\n")
+        for step in range(1, steps + 1):
+            if (out / "STOP").exists() and mode != "stubborn":
+                log.write(json.dumps({"event": "end", "outcome": "stopped", "step": step - 1, "error": None,
+                                      "outputs": {"checkpoint": str(out / f"checkpoint-{step - 1}")}}) + "\n")
+                return
+            log.write(json.dumps({"event": "step", "step": step, "max_steps": steps, "loss": 3.0 / step,
+                                  "ce": 2.0 / step, "gdkd": 1.0 / step, "rcka": 0.1, "cka": 0.9, "beta": 1.0,
+                                  "ema": 1.0, "tau": 1.0, "gate_mean": 0.5, "gate_min": 0.2, "gate_max": 0.9,
+                                  "tokens_per_s": 100.0, "eta_s": steps - step, "nonfinite": 0}) + "\n")
+            if mode == "die" and step == 2:
+                print("about to be killed", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.2)
+        if mode == "garbage":
+            log.write('{"event": "step", "step": 99')   # a line cut short: must not be parsed
+            log.flush()
+        log.write(("\n" if mode == "garbage" else "") + json.dumps(
+            {"event": "end", "outcome": "finished", "step": steps, "error": None, "outputs": {}}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

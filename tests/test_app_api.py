@@ -1,0 +1,237 @@
+"""gradio_client against a running `python app.py` serving the checkpoint fixtures (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from app_server import DEV_FAMILY, REPO, app_env, running_app  # noqa: E402
+
+EXAMPLE = REPO / "assets" / "examples" / "red-circle-blue-square.png"
+BROKEN_FAMILY = "broken checkpoints"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("app")
+
+
+@pytest.fixture(scope="module")
+def app_url(fixtures_dir, work):
+    # An operator family with a missing and a corrupt checkpoint next to a good one.
+    corrupt = work / "corrupt-ckpt"
+    corrupt.mkdir()
+    for f in (fixtures_dir / "qwen3vl-tiny-bf16").iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes()[: 4000] if f.name == "model.safetensors" else f.read_bytes())
+    families = {BROKEN_FAMILY: {"good": str(fixtures_dir / "qwen3vl-tiny-bf16"), "missing": str(work / "nowhere"),
+                                "corrupt": str(corrupt)}}
+    with running_app(app_env(fixtures_dir, work, GRACE_FAMILIES=json.dumps(families))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(app_url) -> Client:
+    return Client(app_url, verbose=False)
+
+
+def compare(client: Client, image=EXAMPLE, question="What color is the circle?", family=DEV_FAMILY, variants="",
+            max_new_tokens=12, **kwargs) -> dict:
+    return client.predict(family=family, variants=variants, image=handle_file(str(image)), question=question,
+                          max_new_tokens=max_new_tokens, api_name="/compare", **kwargs)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with one tiny compressed row: a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_compare_returns_every_column(client):
+    result = compare(client)
+    assert result["family"] == DEV_FAMILY
+    assert result["reference"] == "BF16"
+    columns = result["columns"]
+    assert [c["label"] for c in columns] == ["BF16", "W8G128 (QAT)", "W4G128-AWQ"]
+    assert [c["kind"] for c in columns] == ["bf16", "int8", "int4"]
+    for column in columns:
+        assert column["status"] == "done", column["error"]
+        assert column["error"] is None
+        assert 1 <= column["tokens"] <= 12
+        assert isinstance(column["text"], str)
+        assert column["ttft_s"] > 0 and column["total_s"] >= column["ttft_s"]
+        assert column["weight_bytes"] > 0 and column["peak_bytes"] > 0
+        if column["tokens"] > 1:
+            assert column["tokens_per_s"] > 0
+    # Quantized variants are compared with the BF16 answer; the reference itself is not.
+    assert columns[0]["share_identical"] is None
+    for column in columns[1:]:
+        assert 0.0 <= column["share_identical"] <= 1.0
+        if column["first_divergence"] is not None:
+            assert 0 <= column["first_divergence"] <= column["tokens"]
+    # INT4 holds fewer weight bytes than BF16.
+    assert columns[2]["weight_bytes"] < columns[0]["weight_bytes"]
+
+
+def test_families_lists_what_compare_accepts(client):
+    listing = client.predict(api_name="/families")
+    assert listing["default"] == DEV_FAMILY
+    dev = listing["families"][DEV_FAMILY]
+    assert [v["label"] for v in dev["variants"] if v["default"]] == ["BF16", "W8G128 (QAT)", "W4G128-AWQ"]
+    assert "random weights" in dev["note"]
+    assert BROKEN_FAMILY in listing["families"]
+    assert "source" not in json.dumps(listing)           # folders stay on the server
+
+
+def test_compare_picked_variants_and_greedy_is_repeatable(client):
+    first = compare(client, variants="W4G128-AWQ, BF16", max_new_tokens=8)
+    assert [c["label"] for c in first["columns"]] == ["W4G128-AWQ", "BF16"]
+    assert first["reference"] == "BF16"
+    again = compare(client, variants='["W4G128-AWQ", "BF16"]', max_new_tokens=8)
+    assert [c["text"] for c in again["columns"]] == [c["text"] for c in first["columns"]]
+
+
+def test_sampling_settings_are_accepted(client):
+    result = compare(client, variants="BF16", max_new_tokens=6, sampling=True, temperature=1.2, top_p=0.8, seed=3)
+    assert result["columns"][0]["status"] == "done"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is a text file, not an image", "not an image"),
+    (EXAMPLE.read_bytes()[: len(EXAMPLE.read_bytes()) // 2], "truncated"),
+    (png_header(30_000, 30_000), "too large"),
+], ids=["not-an-image", "truncated", "decompression-bomb"])
+def test_bad_image_is_refused_and_the_next_request_works(client, tmp_path, content, message):
+    bad = tmp_path / "upload.png"
+    bad.write_bytes(content)
+    with pytest.raises(AppError, match=message):
+        compare(client, image=bad, variants="BF16")
+    assert compare(client, variants="BF16", max_new_tokens=4)["columns"][0]["status"] == "done"
+
+
+@pytest.mark.parametrize("question, message", [("   ", "type a question"), ("why? " * 400, "too long")])
+def test_bad_question_is_refused(client, question, message):
+    with pytest.raises(AppError, match=message):
+        compare(client, question=question, variants="BF16")
+
+
+def test_many_users_at_once_are_queued_not_refused(app_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one_user(_):
+        return compare(Client(app_url, verbose=False), variants="BF16, W4G128-AWQ", max_new_tokens=8)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one_user, range(8)))
+    assert all(c["status"] == "done" for r in results for c in r["columns"])
+
+
+def test_uploads_are_capped(app_url, client, tmp_path):
+    import httpx
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (11 * 1000 * 1000))          # the default cap is 10 MB
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):   # the client reads the cap ...
+        compare(client, image=big, variants="BF16")
+    with open(big, "rb") as f:                             # ... and the server enforces it
+        response = httpx.post(app_url + "gradio_api/upload", files={"files": ("big.png", f, "image/png")})
+    assert response.status_code == 413
+
+
+def test_unknown_family_variant_or_settings_are_refused(client):
+    with pytest.raises(AppError, match="unknown model family"):
+        compare(client, family="/etc")
+    with pytest.raises(AppError, match="has no variant"):
+        compare(client, variants="/tmp/some-folder")
+    with pytest.raises(AppError, match="max_new_tokens"):
+        compare(client, variants="BF16", max_new_tokens=100_000)
+
+
+def test_missing_and_corrupt_checkpoints_fail_in_their_own_column(client):
+    result = compare(client, family=BROKEN_FAMILY, variants="good, missing, corrupt", max_new_tokens=4)
+    good, missing, corrupt = result["columns"]
+    assert good["status"] == "done"
+    assert missing["status"] == "error" and "not found" in missing["error"]
+    assert corrupt["status"] == "error" and "truncated or corrupt" in corrupt["error"]
+
+
+def wait_for(client: Client, predicate, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.predict(api_name="/train_status")
+        if predicate(status):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last status: {status}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_training_job_through_the_api_produces_metrics_and_stops(client, work):
+    model = f"{DEV_FAMILY} › BF16"
+    started = client.predict(teacher=model, student=model, bits="W4", steps=5000, lr=2e-5, scale_lr=1e-4, tau=1.0,
+                             eta=0.01, omega=1.0, temperature=2.0, data="shapes", api_name="/train_start")
+    assert started["state"] in ("starting", "running")
+    run_dir = Path(started["out_dir"])
+    assert run_dir.parent == work / "runs"
+
+    with pytest.raises(AppError, match="already running"):   # one job per server
+        client.predict(teacher=model, student=model, bits="W8", steps=5, lr=2e-5, scale_lr=1e-4, tau=1.0, eta=0.01,
+                       omega=1.0, temperature=2.0, data="shapes", api_name="/train_start")
+
+    running = wait_for(client, lambda s: s["steps_logged"] >= 2, 120, "two logged steps")
+    last = running["last"]
+    for key in ("loss", "ce", "gdkd", "rcka", "cka", "beta", "ema", "tau", "gate_mean", "gate_min", "gate_max",
+                "tokens_per_s", "eta_s"):
+        assert key in last, key
+    assert running["max_steps"] == 5000 and running["step"] >= 2
+
+    asked = time.monotonic()
+    assert client.predict(api_name="/train_stop")["state"] in ("stopping", "stopped")
+    stopped = wait_for(client, lambda s: s["state"] not in ("starting", "running", "stopping"), 60, "the stop")
+    assert time.monotonic() - asked < 30
+    assert stopped["state"] == "stopped", stopped
+    assert stopped["step"] < 5000
+    assert Path(stopped["outputs"]["checkpoint"]).is_dir()        # the last checkpoint is kept
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "config" and lines[-1]["event"] == "end"
+    assert lines[-1]["outcome"] == "stopped"
+
+
+def test_login_required_when_auth_is_set(fixtures_dir, tmp_path):
+    with running_app(app_env(fixtures_dir, tmp_path, GRACE_AUTH="ann:s3cret", GRACE_TRAIN="0")) as url:
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        with pytest.raises(Exception):
+            Client(url, auth=("ann", "wrong"), verbose=False)
+        result = compare(Client(url, auth=("ann", "s3cret"), verbose=False), variants="BF16", max_new_tokens=4)
+        assert result["columns"][0]["status"] == "done"
+
+
+def test_bad_training_request_is_refused(client):
+    model = f"{DEV_FAMILY} › BF16"
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict(teacher="/etc/passwd", student=model, bits="W4", steps=5, lr=2e-5, scale_lr=1e-4, tau=1.0,
+                       eta=0.01, omega=1.0, temperature=2.0, data="shapes", api_name="/train_start")
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict(teacher=model, student=model, bits="W4", steps=5, lr=2e-5, scale_lr=1e-4, tau=1.0,
+                       eta=0.01, omega=1.0, temperature=2.0, data="/etc/passwd", api_name="/train_start")
+    with pytest.raises(AppError, match="steps|maximum"):
+        client.predict(teacher=model, student=model, bits="W4", steps=10**7, lr=2e-5, scale_lr=1e-4, tau=1.0,
+                       eta=0.01, omega=1.0, temperature=2.0, data="shapes", api_name="/train_start")
+    with pytest.raises(AppError, match="positive"):
+        client.predict(teacher=model, student=model, bits="W4", steps=5, lr=-1.0, scale_lr=1e-4, tau=1.0,
+                       eta=0.01, omega=1.0, temperature=2.0, data="shapes", api_name="/train_start")
+    assert client.predict(api_name="/train_status")["state"] != "running"
