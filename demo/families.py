@@ -138,10 +138,12 @@ def detect_kind(source: str, fallback: str = "bf16") -> str:
 
 
 def zoo_family(zoo_dir: Path) -> Family | None:
+    """The zoo family once its BF16 / W8 / W4 columns are built (a partly built zoo is not offered)."""
+    if not all(is_checkpoint(zoo_dir / folder) for folder, _, _, default in ZOO_VARIANTS if default):
+        return None
     variants = [Variant(label, str(zoo_dir / folder), kind, default)
                 for folder, label, kind, default in ZOO_VARIANTS if is_checkpoint(zoo_dir / folder)]
-    return Family(ZOO_FAMILY, variants, "GRACE's offline zoo: tiny Qwen3-VL models trained on the shapes task.") \
-        if variants else None
+    return Family(ZOO_FAMILY, variants, "GRACE's offline zoo: tiny Qwen3-VL models trained on the shapes task.")
 
 
 def dev_family(fixtures_dir: Path) -> Family | None:

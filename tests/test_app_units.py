@@ -110,14 +110,18 @@ def test_registry_falls_back_to_the_fixtures(fixtures_dir, tmp_path):
         registry.get("/etc")
 
 
-def test_the_zoo_wins_over_the_fixtures(fixtures_dir, tmp_path):
+def test_the_zoo_wins_over_the_fixtures_once_built(fixtures_dir, tmp_path):
     zoo = tmp_path / "zoo"
-    (zoo / "grace-bf16").mkdir(parents=True)
-    (zoo / "grace-bf16" / "config.json").write_text("{}")
+    for folder in ("teacher", "grace-bf16", "grace-w8g128"):
+        (zoo / folder).mkdir(parents=True)
+        (zoo / folder / "config.json").write_text("{}")
     s = settings.Settings(zoo_dir=zoo, fixtures_dir=fixtures_dir, hub="off")
+    assert families.build_registry(s).names() == [families.DEV_FAMILY]     # W4 column missing: not offered yet
+    (zoo / "grace-w4g128-awq").mkdir()
+    (zoo / "grace-w4g128-awq" / "config.json").write_text("{}")
     registry = families.build_registry(s)
     assert registry.names() == [families.ZOO_FAMILY]
-    assert registry.get(families.ZOO_FAMILY).labels == ["GRACE BF16"]
+    assert registry.get(families.ZOO_FAMILY).labels == ["GRACE BF16", "GRACE W8G128", "GRACE W4G128-AWQ", "teacher"]
 
 
 def test_training_data_comes_only_from_allowed_folders(tmp_path):
