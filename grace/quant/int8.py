@@ -6,7 +6,7 @@ Codes are held group-major, [in/group, out, group] int8, so each group is a cont
 [out, group] matrix: on CPU torch's `_weight_int8pack_mm` (a per-row-scale int8 GEMV)
 runs once per group and the partial sums are accumulated in fp32. That beats
 dequantize-then-matmul at decode (a few rows); for more rows the dequantized matmul is
-faster and is used instead (measured in bench/linear_kernels.py).
+faster and is used instead (measured in bench/linear_kernels.py; the crossover depends on dtype).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Up to this many rows the per-group int8 kernel wins on CPU (bench/linear_kernels.py).
-KERNEL_MAX_ROWS = 2
+# Up to this many rows the per-group int8 kernel beats dequantize + matmul on CPU
+# (bench/linear_kernels.py: with bf16 activations up to 32-256 rows by shape, with fp32 up to 2-8).
+KERNEL_MAX_ROWS = 32
+FP32_KERNEL_MAX_ROWS = 2
 
 
 class Int8Linear(nn.Module):
@@ -48,13 +50,15 @@ class Int8Linear(nn.Module):
         return self.qweight.transpose(0, 1).reshape(self.out_features, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
-        w = self.qweight.float() * self.scales.float().unsqueeze(-1)          # [groups, out, group]
-        return w.transpose(0, 1).reshape(self.out_features, self.in_features).to(self.scales.dtype)
+        """W [out, in] in the scales' dtype. Codes are exact in bf16/fp16, so one rounding of q*s, as in fp32."""
+        w = self.qweight.to(self.scales.dtype) * self.scales.unsqueeze(-1)    # [groups, out, group]
+        return w.transpose(0, 1).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        if x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS:
+        limit = FP32_KERNEL_MAX_ROWS if x2.dtype == torch.float32 else KERNEL_MAX_ROWS
+        if x2.device.type == "cpu" and x2.shape[0] <= limit:
             xg = x2.reshape(-1, self.qweight.shape[0], self.group_size).transpose(0, 1).contiguous()
             y = torch._weight_int8pack_mm(xg[0], self.qweight[0], self.scales[0]).float()
             for g in range(1, self.qweight.shape[0]):
