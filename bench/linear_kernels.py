@@ -17,6 +17,7 @@ Codes and scales are random (speed does not depend on them). Writes bench/result
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -183,22 +184,28 @@ def crossover(rows, key_fn) -> dict:
     return out
 
 
+def quiet(row) -> str:
+    """Rounds with the other processes quiet / rounds run (all rounds are used when too few were quiet)."""
+    load = row["load"]
+    return f"{load['quiet_rounds']}/{load['rounds']}"
+
+
 def render(res: dict) -> str:
     md = []
     med = lambda row, k: U.fmt_us(row["time"][k]["median_s"])  # noqa: E731
     md.append("#### bf16 activations (bf16 modules): median µs per call; speedup = bf16 time / variant time")
     md.append(U.md_table(
-        ["shape (in→out)", "M", "bf16 F.linear", "Int8Linear", "Int4Linear", "INT8 speedup", "INT4 speedup"],
+        ["shape (in→out)", "M", "bf16 F.linear", "Int8Linear", "Int4Linear", "INT8 speedup", "INT4 speedup", "quiet"],
         [[shape_name(r["in"], r["out"]), r["m"], med(r, "bf16_linear"), f"{med(r, 'int8_bf16')} ({r['path']['int8']})",
-          med(r, "int4_bf16"), f"{r['speedup']['int8_bf16_vs_bf16']:.2f}×", f"{r['speedup']['int4_bf16_vs_bf16']:.2f}×"]
-         for r in res["part1"]]))
+          med(r, "int4_bf16"), f"{r['speedup']['int8_bf16_vs_bf16']:.2f}×", f"{r['speedup']['int4_bf16_vs_bf16']:.2f}×",
+          quiet(r)] for r in res["part1"]]))
     md.append("")
     md.append("#### fp32 activations (reference; modules built with dtype=float32, current thresholds)")
     md.append(U.md_table(
-        ["shape (in→out)", "M", "fp32 F.linear", "Int8Linear", "Int4Linear", "INT8 speedup", "INT4 speedup"],
+        ["shape (in→out)", "M", "fp32 F.linear", "Int8Linear", "Int4Linear", "INT8 speedup", "INT4 speedup", "quiet"],
         [[shape_name(r["in"], r["out"]), r["m"], med(r, "fp32_linear"), f"{med(r, 'int8_fp32')} ({r['path']['int8']})",
           f"{med(r, 'int4_fp32')} ({r['path']['int4_fp32']})", f"{r['speedup']['int8_fp32_vs_fp32']:.2f}×",
-          f"{r['speedup']['int4_fp32_vs_fp32']:.2f}×"] for r in res["part1"]]))
+          f"{r['speedup']['int4_fp32_vs_fp32']:.2f}×", quiet(r)] for r in res["part1"]]))
     md.append("")
     md.append("#### Error vs an fp64 matmul with the same (dequantized) weight: ‖y − y_ref‖ / ‖y_ref‖")
     md.append(U.md_table(
@@ -215,18 +222,18 @@ def render(res: dict) -> str:
         fp32 = ([med(r, "fp32_loop"), med(r, "fp32_dequant"), f"{r['dequant_over_loop']['fp32']:.2f}"]
                 if "fp32" in r["dequant_over_loop"] else ["–", "–", "–"])
         rows.append([shape_name(r["in"], r["out"]), r["m"], med(r, "bf16_loop"), med(r, "bf16_dequant"),
-                     f"{r['dequant_over_loop']['bf16']:.2f}", med(r, "bf16_linear")] + fp32)
+                     f"{r['dequant_over_loop']['bf16']:.2f}", med(r, "bf16_linear")] + fp32 + [quiet(r)])
     md.append(U.md_table(["shape", "M", "bf16: loop", "bf16: dequant", "dequant/loop", "(bf16 F.linear)",
-                          "fp32: loop", "fp32: dequant", "dequant/loop"], rows))
+                          "fp32: loop", "fp32: dequant", "dequant/loop", "quiet"], rows))
     md.append("")
     md.append(f"#### Int4Linear, fp32 module and activations: kernel vs dequantize path (µs; FP32_KERNEL_MAX_ROWS is "
               f"{res['thresholds']['int4.FP32_KERNEL_MAX_ROWS']}); ratio > 1: the kernel is faster")
     md.append(U.md_table(
         ["shape", "M", "fp32 kernel", "dequant path", "dequant/kernel", "(fp32 F.linear)",
-         "(bf16 module, x cast to bf16)", "error of the bf16 cast"],
+         "(bf16 module, x cast to bf16)", "error of the bf16 cast", "quiet"],
         [[shape_name(r["in"], r["out"]), r["m"], med(r, "fp32_kernel"), med(r, "fp32_dequant"),
           f"{r['dequant_over_kernel']:.2f}", med(r, "fp32_linear"), med(r, "bf16_kernel_cast"),
-          f"{r['bf16_cast_error']:.1e}"] for r in res["int4_fp32_sweep"]]))
+          f"{r['bf16_cast_error']:.1e}", quiet(r)] for r in res["int4_fp32_sweep"]]))
     md.append("")
     md.append("#### Crossovers (largest M up to which the kernel wins at every tested M)")
     lines = []
@@ -239,6 +246,9 @@ def render(res: dict) -> str:
     md.append("")
     md.append("#### Targets")
     md.append("\n".join(f"- {t}" for t in res["targets"]))
+    md.append("")
+    md.append("`quiet`: timing rounds during which other processes used < 0.25 cores / rounds run; when fewer than "
+              "a third were quiet, all rounds are used and the row was measured under contention.")
     return "\n".join(md)
 
 
@@ -258,7 +268,15 @@ def targets(part1_rows) -> list[str]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     U.add_common_args(parser)
+    parser.add_argument("--render", type=Path, default=None, help="only re-render the tables of a results JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        res = json.loads(args.render.read_text(encoding="utf-8"))
+        res["markdown"] = f"Machine: {U.machine_line(res['machine'])}\n\n" + render(res)
+        print(res["markdown"])
+        if not args.no_write:
+            args.render.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        return res
     U.apply_args(args)
     info = U.machine_info()
     quick = args.quick

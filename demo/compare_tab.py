@@ -31,7 +31,7 @@ MAX_COLUMNS = 4
 UPDATES_PER_S = 8            # streaming UI refresh rate; tokens arrive much faster on small models
 DIVERGES = "diverges"
 EXAMPLE_QUESTIONS = {"red-circle-blue-square.png": "What color is the circle?",
-                     "green-triangle.png": "What shape is in the image?",
+                     "green-triangle.png": "What shape is on the left?",
                      "three-shapes.png": "How many shapes are there?"}
 
 try:   # On a ZeroGPU Space this attaches a GPU for the duration of the call; elsewhere a no-op.
