@@ -6,7 +6,9 @@ Timing protocol (the machine these run on is usually shared and noisy):
     many cores they used during the round, and keep only the quiet rounds when there are enough;
   * every variant being compared is timed in the same loop, interleaved A,B,C,B,C,A,... (the
     starting variant rotates each round so none always runs right after another);
-  * each sample repeats the call enough times to last ~`target_s`;
+  * each sample repeats the call enough times to last ~`target_s`, after one untimed call: without it
+    a variant pays for the page faults of the large temporaries the previous variant left unmapped
+    (on the KVM guests we use, first-touching 50 MB costs ~25 ms, more than many of the kernels);
   * we report the median sample per variant, and ratios as the median of the per-round ratios
     (variants in one round ran seconds apart, so they saw the same load).
 """
@@ -173,6 +175,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, target_s
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 fn, k = fns[name], inner[name]
+                fn()        # untimed: the allocator / caches in the state this fn leaves them (steady state)
                 start = time.perf_counter()
                 for _ in range(k):
                     fn()

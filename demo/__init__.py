@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .compare_tab import CompareTab
+from .eval_tab import EvalTab
 from .families import Registry
 from .model_cache import ModelCache
 from .settings import Settings
@@ -28,6 +29,8 @@ def build_app(settings: Settings, registry: Registry, cache: ModelCache,
         with gr.Tabs() as tabs:
             with gr.Tab("Compare", id="compare") as compare_item:
                 compare.build()
+            with gr.Tab("Eval", id="eval"):
+                EvalTab(settings, registry, cache).build()
             if settings.train:
                 train = TrainTab(settings, registry, manager)
                 with gr.Tab("Train", id="train") as train_item:

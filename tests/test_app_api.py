@@ -235,3 +235,19 @@ def test_bad_training_request_is_refused(client):
         client.predict(teacher=model, student=model, bits="W4", steps=5, lr=-1.0, scale_lr=1e-4, tau=1.0,
                        eta=0.01, omega=1.0, temperature=2.0, data="shapes", api_name="/train_start")
     assert client.predict(api_name="/train_status")["state"] != "running"
+
+
+def test_evaluate_endpoint_reports_accuracy_per_variant(client):
+    table, chart, details = client.predict(family=DEV_FAMILY, labels=["BF16", "W4G128-AWQ"], data="shapes-test",
+                                           limit=4, api_name="/evaluate")
+    assert set(details) == {"BF16", "W4G128-AWQ"}
+    for label, result in details.items():
+        assert result["n"] == 4 and 0.0 <= result["accuracy"] <= 1.0
+        assert set(result["per_type"]) <= {"color", "count", "exist", "left", "describe"}
+    rows = table["value"]["data"] if "value" in table else table["data"]
+    assert [row[0] for row in rows] == ["BF16", "W4G128-AWQ"]
+
+
+def test_evaluate_refuses_a_path_from_the_browser(client):
+    with pytest.raises(AppError, match="not in the list of choices|listed data sets"):
+        client.predict(family=DEV_FAMILY, labels=["BF16"], data="/etc/passwd", limit=4, api_name="/evaluate")

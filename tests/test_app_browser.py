@@ -135,3 +135,13 @@ def test_a_bad_upload_gets_a_message(browser, app_url, tmp_path):
     page.locator("#compare-ask").click()
     expect(page.get_by_text("not an image this app can read").first).to_be_visible(timeout=30_000)
     page.close()
+
+
+def test_eval_tab_draws_a_table_and_chart(browser, app_url):
+    expect = playwright_api.expect
+    page = open_app(browser, app_url)
+    page.get_by_role("tab", name="Eval").click()
+    page.locator("#eval-run").click()
+    expect(page.locator("#eval-table")).to_contain_text("accuracy", timeout=120_000)
+    expect(page.locator("#eval-chart .main-svg").first).to_be_visible(timeout=60_000)
+    page.screenshot(path=str(SCREENSHOTS / "eval.png"), full_page=True)
