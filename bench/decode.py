@@ -14,7 +14,7 @@ gives the prefill time (start → first logits) and the decode time per token (f
 over N-1 steps). The three variants are interleaved within every round, medians over rounds.
 
 A second, hooked pass times each decoder layer and lm_head during decode steps, to split the
-per-token time into decoder layers / lm_head / the rest, and to project a 28-layer decode step
+per-token time into decoder layers / lm_head / the rest (step minus those), and to project a 28-layer decode step
 (rest + lm_head + 28 × layer; a projection, not a measurement). Writes bench/results/decode.json.
 """
 
@@ -135,24 +135,35 @@ def run(models, ids, n: int, rounds: int, breakdown_rounds: int) -> dict:
     keep = quiet if len(quiet) >= max(3, rounds // 3) else list(range(rounds))
     samples = {v: {k: [s[i] for i in keep] for k, s in d.items()} for v, d in samples.items()}
 
-    # breakdown: hooked runs, interleaved too
-    per_call = {v: {} for v in VARIANTS}
-    steps = {v: [] for v in VARIANTS}
+    # breakdown: hooked runs, interleaved too; quiet rounds only when there is one
+    rounds_calls, rounds_others = [], []
     for r in range(breakdown_rounds):
         U.MONITOR.wait_quiet(U.MAX_WAIT_S)
+        mark = U.MONITOR.start()
+        calls = {v: {} for v in VARIANTS}
         shift = r % len(VARIANTS)
         for v in VARIANTS[shift:] + VARIANTS[:shift]:
             clock = LayerClock(models[v])
             try:
-                res = generate(models[v], ids, n)
+                generate(models[v], ids, n)
             finally:
                 clock.remove()
-            steps[v].append(res["decode_s_per_token"])
-            for key, calls in clock.calls.items():
-                per_call[v].setdefault(key, []).extend(calls[1:])     # drop the prefill call
-    return {"samples": samples, "tokens": tokens, "per_call": per_call, "hooked_steps": steps,
+            for key, times in clock.calls.items():
+                calls[v][key] = times[1:]                              # drop the prefill call
+        rounds_calls.append(calls)
+        rounds_others.append(U.MONITOR.others(mark))
+    quiet_b = [i for i, o in enumerate(rounds_others) if o < U.QUIET_CORES]
+    keep_b = quiet_b or list(range(breakdown_rounds))
+    per_call = {v: {} for v in VARIANTS}
+    for i in keep_b:
+        for v in VARIANTS:
+            for key, times in rounds_calls[i][v].items():
+                per_call[v].setdefault(key, []).extend(times)
+    return {"samples": samples, "tokens": tokens, "per_call": per_call,
             "load": {"rounds": rounds, "rounds_kept": len(keep), "quiet_rounds": len(quiet),
-                     "others_cores_median_kept": statistics.median(others[i] for i in keep)}}
+                     "others_cores_median_kept": statistics.median(others[i] for i in keep),
+                     "breakdown_rounds": breakdown_rounds, "breakdown_rounds_kept": len(keep_b),
+                     "breakdown_quiet_rounds": len(quiet_b)}}
 
 
 @torch.inference_mode()
@@ -195,16 +206,15 @@ def main(argv=None) -> dict:
     summary = {}
     for v in VARIANTS:
         step = statistics.median(s[v]["decode_s_per_token"])
-        hooked_step = statistics.median(out["hooked_steps"][v])
         layer = statistics.median(x for k in layer_keys for x in out["per_call"][v][k])
         head = statistics.median(out["per_call"][v]["lm_head"])
-        rest = hooked_step - args.layers * layer - head
+        rest = step - args.layers * layer - head
         projected = rest + head + 28 * layer
         summary[v] = {
             "prefill_s": statistics.median(s[v]["prefill_s"]),
             "decode_s_per_token": step, "decode_tokens_per_s": 1 / step,
             "end_to_end_tokens_per_s": n / statistics.median(s[v]["total_s"]),
-            "hooked_decode_s_per_token": hooked_step, "decoder_layer_s": layer, "lm_head_s": head, "rest_s": rest,
+            "decoder_layer_s": layer, "lm_head_s": head, "rest_s": rest,
             "projected_28_layer_s_per_token": projected, "projected_28_layer_tokens_per_s": 1 / projected,
             "weight_bytes": tensor_bytes(models[v]),
             "decoder_linear_bytes": sum(tensor_bytes(models[v].get_submodule(name))
@@ -224,7 +234,7 @@ def main(argv=None) -> dict:
                   f"{summary[v]['decode_tokens_per_s']:.1f}", U.fmt_ms(summary[v]["decode_s_per_token"]),
                   sp(v, "decode_speedup_vs_bf16"), f"{summary[v]['end_to_end_tokens_per_s']:.1f}",
                   f"{summary[v]['weight_bytes'] / 1e9:.3f}"] for v in VARIANTS]
-    split_rows = [[v.upper(), U.fmt_ms(summary[v]["hooked_decode_s_per_token"]), U.fmt_ms(summary[v]["decoder_layer_s"]),
+    split_rows = [[v.upper(), U.fmt_ms(summary[v]["decode_s_per_token"]), U.fmt_ms(summary[v]["decoder_layer_s"]),
                    sp(v, "layer_speedup_vs_bf16"), f"{args.layers} × {U.fmt_ms(summary[v]['decoder_layer_s'])} = "
                    f"{U.fmt_ms(args.layers * summary[v]['decoder_layer_s'])}", U.fmt_ms(summary[v]["lm_head_s"]),
                    U.fmt_ms(summary[v]["rest_s"]), U.fmt_ms(summary[v]["projected_28_layer_s_per_token"]),
@@ -241,9 +251,11 @@ def main(argv=None) -> dict:
         U.md_table(["model", "prefill ms", "prefill speedup", "decode tok/s", "ms / token", "decode speedup",
                     f"end-to-end tok/s ({n} tok)", "weights GB"], main_rows),
         "",
-        "Where a decode step goes (hooked runs; ms per token). `rest` = embedding, final norm, rotary, cache "
-        "updates, generate()'s bookkeeping and hook overhead. The 28-layer columns are a projection "
-        "(rest + lm_head + 28 × layer), not a measurement:",
+        "Where a decode step goes (ms per token): step = the decode time per token above; per decoder layer "
+        "and lm_head = medians of forward-hook timings in separate runs "
+        f"({load['breakdown_rounds_kept']} of {load['breakdown_rounds']} rounds kept); rest = step − layers − "
+        "lm_head (embedding, final norm, rotary, KV-cache updates, generate()'s bookkeeping). The 28-layer "
+        "columns are a projection (rest + lm_head + 28 × layer), not a measurement:",
         "",
         U.md_table(["model", "step", "per decoder layer", "layer speedup", "all layers", "lm_head (151 936×2048)",
                     "rest", "projected 28-layer step", "projected tok/s", "projected speedup"], split_rows),
@@ -259,7 +271,8 @@ def main(argv=None) -> dict:
            "setup": {"layers": args.layers, "prompt_len": args.prompt_len, "new_tokens": n, "rounds": rounds,
                      "breakdown_rounds": breakdown_rounds, "seed": args.seed},
            "load": load, "summary": summary, "logits_vs_bf16": agreement, "samples": s,
-           "hooked_steps": out["hooked_steps"], "generated_tokens": out["tokens"], "targets": target_lines,
+           "per_call_median_s": {v: {k: statistics.median(c) for k, c in out["per_call"][v].items()}
+                                 for v in VARIANTS}, "generated_tokens": out["tokens"], "targets": target_lines,
            "markdown": md}
     print(md)
     if not args.no_write:
