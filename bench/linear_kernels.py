@@ -7,9 +7,10 @@ Part 1, at M = 1 and 16 rows, all variants interleaved in one loop:
   * fp32 activations (reference): fp32 F.linear vs Int8Linear / Int4Linear built with dtype=float32,
     through their forward as it stands (so whichever kernel/dequant path the thresholds pick);
   * the error of each against an fp64 matmul with its own (dequantized) weight.
-Part 2, the thresholds: Int8Linear's per-group int8 kernel loop vs its dequantize path, and the
-fp32 Int4Linear's kernel vs its dequantize path, at M = 1..16 (and beyond in full mode, to find
-where they cross), forced by patching KERNEL_MAX_ROWS / FP32_KERNEL_MAX_ROWS.
+Part 2, the thresholds: Int8Linear's per-group int8 kernel loop vs its dequantize path (bf16 and
+fp32 activations), and the fp32 Int4Linear's kernel vs its dequantize path, at M = 1..16 (and
+beyond in full mode, to find where they cross), forced by patching the modules' thresholds
+(int8.KERNEL_MAX_ROWS / int8.FP32_KERNEL_MAX_ROWS / int4.FP32_KERNEL_MAX_ROWS).
 
 Codes and scales are random (speed does not depend on them). Writes bench/results/linear_kernels.json.
 """
@@ -51,8 +52,13 @@ def modules_for(i: int, o: int):
     }
 
 
-def int8_path(m: int) -> str:
-    return "kernel" if m <= q8.KERNEL_MAX_ROWS else "dequant"
+def int8_limit_name(dtype: torch.dtype) -> str:
+    """The Int8Linear threshold that applies to activations of `dtype` (fp32 has its own since 1b3b0d7)."""
+    return "FP32_KERNEL_MAX_ROWS" if dtype == torch.float32 and hasattr(q8, "FP32_KERNEL_MAX_ROWS") else "KERNEL_MAX_ROWS"
+
+
+def int8_path(m: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    return "kernel" if m <= getattr(q8, int8_limit_name(dtype)) else "dequant"
 
 
 def int4_fp32_path(m: int) -> str:
@@ -96,7 +102,8 @@ def part1(shapes, ms, rounds) -> list[dict]:
                     "int8_fp32_vs_fp32": U.paired_ratio(samples["fp32_linear"], samples["int8_fp32"]),
                     "int4_fp32_vs_fp32": U.paired_ratio(samples["fp32_linear"], samples["int4_fp32"]),
                 },
-                "path": {"int8": int8_path(m), "int4_bf16": "kernel", "int4_fp32": int4_fp32_path(m)},
+                "path": {"int8": int8_path(m), "int8_fp32": int8_path(m, torch.float32), "int4_bf16": "kernel",
+                         "int4_fp32": int4_fp32_path(m)},
                 "rel_l2_error": errors,
             })
             t = rows[-1]["time"]
@@ -114,7 +121,7 @@ def int8_sweep(shapes, ms, fp32_max_m, rounds) -> list[dict]:
         w = lb.dequantize()
 
         def run(mod, x, limit):
-            with U.patched(q8, "KERNEL_MAX_ROWS", limit):
+            with U.patched(q8, int8_limit_name(x.dtype), limit):
                 return mod(x)
 
         for m in ms:
@@ -203,7 +210,8 @@ def render(res: dict) -> str:
     md.append("#### fp32 activations (reference; modules built with dtype=float32, current thresholds)")
     md.append(U.md_table(
         ["shape (in→out)", "M", "fp32 F.linear", "Int8Linear", "Int4Linear", "INT8 speedup", "INT4 speedup", "quiet"],
-        [[shape_name(r["in"], r["out"]), r["m"], med(r, "fp32_linear"), f"{med(r, 'int8_fp32')} ({r['path']['int8']})",
+        [[shape_name(r["in"], r["out"]), r["m"], med(r, "fp32_linear"),
+          f"{med(r, 'int8_fp32')} ({r['path'].get('int8_fp32', r['path']['int8'])})",
           f"{med(r, 'int4_fp32')} ({r['path']['int4_fp32']})", f"{r['speedup']['int8_fp32_vs_fp32']:.2f}×",
           f"{r['speedup']['int4_fp32_vs_fp32']:.2f}×", quiet(r)] for r in res["part1"]]))
     md.append("")
@@ -215,8 +223,11 @@ def render(res: dict) -> str:
                                                    ("bf16_linear", "int8_bf16", "int4_bf16", "fp32_linear",
                                                     "int8_fp32", "int4_fp32")] for r in res["part1"]]))
     md.append("")
+    th = res["thresholds"]
+    fp32_th = th.get("int8.FP32_KERNEL_MAX_ROWS")
     md.append(f"#### Int8Linear: per-group int8 kernel loop vs dequantize + F.linear (µs; KERNEL_MAX_ROWS is "
-              f"{res['thresholds']['int8.KERNEL_MAX_ROWS']}); ratio > 1: the loop is faster")
+              f"{th['int8.KERNEL_MAX_ROWS']}" + (f", FP32_KERNEL_MAX_ROWS {fp32_th}" if fp32_th is not None else "")
+              + "); ratio > 1: the loop is faster")
     rows = []
     for r in res["int8_sweep"]:
         fp32 = ([med(r, "fp32_loop"), med(r, "fp32_dequant"), f"{r['dequant_over_loop']['fp32']:.2f}"]
@@ -289,6 +300,7 @@ def main(argv=None) -> dict:
 
     res = {"name": "linear_kernels", "quick": quick, "machine": info,
            "thresholds": {"int8.KERNEL_MAX_ROWS": q8.KERNEL_MAX_ROWS,
+                          "int8.FP32_KERNEL_MAX_ROWS": getattr(q8, "FP32_KERNEL_MAX_ROWS", None),
                           "int4.FP32_KERNEL_MAX_ROWS": q4.FP32_KERNEL_MAX_ROWS},
            "protocol": f"interleaved, {rounds} rounds (sweeps {sweep_rounds}), medians; ratios = median of per-round ratios"}
     res["part1"] = part1(shapes, [1, 16], rounds)
