@@ -62,10 +62,24 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def code_version() -> dict:
+    """The commit the library code was measured at, and whether grace/ had uncommitted changes."""
+    import subprocess
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "grace_dirty": bool(git("status", "--porcelain", "--", "grace"))}
+
+
 def machine_info() -> dict:
     import transformers
 
     return {
+        "code": code_version(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_flags": cpu_flags(),

@@ -128,7 +128,7 @@ class Int4Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         sz = self.scales_and_zeros
-        if self.layout == "cpu" and (x2.dtype != torch.float32 or x2.shape[0] <= FP32_KERNEL_MAX_ROWS):
+        if self.layout == "cpu" and (sz.dtype != torch.float32 or x2.shape[0] <= FP32_KERNEL_MAX_ROWS):
             y = torch._weight_int4pack_mm_for_cpu(x2.to(sz.dtype).contiguous(), self.weight_packed, self.group_size, sz)
         elif self.layout == "cuda":
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight_packed, self.group_size,

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # Up to this many rows the per-group int8 kernel beats dequantize + matmul on CPU
-# (bench/linear_kernels.py: with bf16 activations up to 32-256 rows by shape, with fp32 up to 2-8).
-KERNEL_MAX_ROWS = 32
-FP32_KERNEL_MAX_ROWS = 2
+# (bench/linear_kernels.py: with bf16 activations up to 16 rows on every 2B shape, with fp32 up to 2-8).
+KERNEL_MAX_ROWS = 16
+FP32_KERNEL_MAX_ROWS = 4
 
 
 class Int8Linear(nn.Module):
