@@ -26,6 +26,7 @@ from .quant import awq_pack
 from .quant.int4 import Int4Linear
 from .quant.int8 import Int8Linear
 from .quant.grid import codes_on_grid
+from .quant.quantize import replace_module
 
 
 @dataclass
@@ -117,11 +118,6 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _place_model(model, layout: Layout, tensors, folder: Path, device, dtype, packed: bool) -> None:
     linears = _linears(model)
     if layout.format in ("grace-awq", "hf-awq"):
@@ -168,7 +164,7 @@ def _place_awq(model, layout, linears, tensors, folder, device, dtype) -> None:
         module.set_codes(awq_pack.unpack(qweight).t(), scales.float().t(), awq_pack.unpack(qzeros).t())
         if module.bias is not None:
             module.bias.data = _take(tensors, name, (".bias",), folder)[0].to(device, dtype)
-        _swap(model, name, module)
+        replace_module(model, name, module)
 
 
 def _place_int8(model, layout, linears, tensors, folder, device, dtype) -> None:
@@ -182,7 +178,7 @@ def _place_int8(model, layout, linears, tensors, folder, device, dtype) -> None:
         module.set_codes(qweight, scales.float())
         if module.bias is not None:
             module.bias.data = _take(tensors, name, (".bias",), folder)[0].to(device, dtype)
-        _swap(model, name, module)
+        replace_module(model, name, module)
 
 
 def qat_module_names(linears: dict, skip: list[str]) -> list[str]:
@@ -216,7 +212,7 @@ def _place_qat(model, layout, linears, tensors, folder, device, dtype) -> None:
             module.set_codes(codes, scales)
         if bias is not None:
             module.bias.data = bias.to(device, dtype)
-        _swap(model, name, module)
+        replace_module(model, name, module)
 
 
 def _load_plain(model: nn.Module, tensors: dict, folder: Path, device, dtype) -> None:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.quantize import replace_module
+
 SCALE_FLOOR = 1e-8   # lower bound of an initial step, so all-zero groups get a finite log_scale
 
 
@@ -178,7 +180,7 @@ def apply_qat(model: nn.Module, config: QATConfig) -> list[str]:
         raise ValueError(f"{len(bad)} linear(s) have in_features not divisible by group_size={config.group_size}, "
                          f"e.g. '{bad[0]}' ({model.get_submodule(bad[0]).in_features})")
     for name in names:
-        _replace(model, name, FakeQuantLinear.from_linear(model.get_submodule(name), config))
+        replace_module(model, name, FakeQuantLinear.from_linear(model.get_submodule(name), config))
     return names
 
 
@@ -226,7 +228,7 @@ def strip_qat(model: nn.Module) -> nn.Module:
         linear.weight.requires_grad_(module.weight.requires_grad)
         if module.bias is not None:
             linear.bias = module.bias
-        _replace(model, name, linear)
+        replace_module(model, name, linear)
     return model
 
 
@@ -244,8 +246,3 @@ def freeze_vision(model: nn.Module, keyword: str = "visual") -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -64,6 +64,11 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | Int8WeightOnlyCon
             new.set_codes(codes, scales)
         if has_bias:
             new.bias.data = linear.bias.detach().to(dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replace_module(model, name, new)
     return [n for n, _ in targets]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` (dotted path) is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
