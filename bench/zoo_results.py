@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 import grace  # noqa: E402
 from grace.chat import GenerationSettings, answer  # noqa: E402
-from grace.evaluate import evaluate  # noqa: E402
+from grace.evaluation import evaluate  # noqa: E402
 from grace.zoo import DEFAULT_OUT, VARIANTS  # noqa: E402
 
 ROWS = [("teacher", "Teacher (8B role)", "BF16"), ("student", "Student baseline (2B role), CE", "BF16"),

@@ -13,11 +13,9 @@ from .export import export_awq, export_int8, save_packed, save_plain, save_qat_r
 from .load import LoadedModel, load
 from .quant import Int4Linear, Int4WeightOnlyConfig, Int8Linear, Int8WeightOnlyConfig, quantize_
 from .trainer import TrainConfig, TrainResult, train
-from .evaluate import EvalResult, evaluate
-
-eval = evaluate   # `grace.eval(model, data)`, as the issue names it (shadows the builtin only inside this namespace)
+from .evaluation import EvalResult, evaluate
 
 __all__ = ["GraceLoadError", "LoadedModel", "load", "export_awq", "export_int8", "save_packed", "save_plain",
            "save_qat_release", "quantize_", "Int4Linear", "Int8Linear", "Int4WeightOnlyConfig",
-           "Int8WeightOnlyConfig", "TrainConfig", "TrainResult", "train", "EvalResult", "evaluate", "eval"]
+           "Int8WeightOnlyConfig", "TrainConfig", "TrainResult", "train", "EvalResult", "evaluate"]
 __version__ = "0.1.0"

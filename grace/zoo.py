@@ -123,7 +123,7 @@ class ZooBuilder:
 
     def _write_card(self, folder: Path, name: str, card: dict) -> None:
         import grace
-        from .evaluate import evaluate
+        from .evaluation import evaluate
 
         loaded = grace.load(folder, device="cpu", dtype=torch.float32)
         result = evaluate(loaded, "shapes-test", limit=self.recipe.eval_questions, progress=True)

@@ -85,7 +85,7 @@ def question_for(rng: np.random.Generator, shapes):
 
 def alt_items(n: int = 200, seed: int = 2026):
     """n (image, question, answer, type) items from this renderer, deterministic in `seed`."""
-    from grace.evaluate import EvalItem
+    from grace.evaluation import EvalItem
 
     rng = np.random.default_rng(seed)
     items = []

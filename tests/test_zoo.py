@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import grace
-from grace.evaluate import evaluate
+from grace.evaluation import evaluate
 from grace.zoo import DEFAULT_OUT, VARIANTS, build_zoo
 
 from alt_shapes import alt_items
