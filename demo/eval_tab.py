@@ -1,7 +1,9 @@
-"""Eval tab: accuracy of a family's variants on a data set, per question type, as a table and a bar chart.
+"""Eval tab: a family's variants side by side on a benchmark: accuracy per category (with question counts),
+per-question agreement with the first variant and the questions a variant turns from right to wrong.
 
-Every model operation is `grace.evaluate` on a model from the shared cache; data sets are the built-in
-shapes splits and the .json / .tsv files in folders the operator allowed (never a path from the browser).
+Every model operation is `grace.evaluate` on a model from the shared cache; data sets are the built-in shapes
+splits and the benchmark files or folders (the seven release benchmarks in their published layouts, conversation
+JSON) inside folders the operator allowed: never a path from the browser.
 """
 
 from __future__ import annotations
@@ -11,43 +13,99 @@ from pathlib import Path
 import gradio as gr
 import plotly.graph_objects as go
 
-from .families import Registry, training_data_files
+from .families import Registry
 from .model_cache import CacheError, ModelCache
 from .settings import Settings
 
 BUILT_IN = [("shapes test split", "shapes-test"), ("shapes validation split", "shapes-val")]
 MAX_QUESTIONS = 500
+SHOW_FLIPS = 5
 
 
-def data_files(folders: list[Path]) -> list[Path]:
-    """Conversation / ScienceQA JSON and MMBench TSV files in the operator's allowed folders."""
-    tsv = [f for d in folders if d.is_dir() for f in sorted(d.glob("*.tsv"))]
-    return training_data_files(folders) + tsv
+def benchmark_paths(folders: list[Path]) -> list[tuple[str, Path]]:
+    """(benchmark, path) for every benchmark file or folder that is an allowed path or directly inside one."""
+    from grace.evaluation import detect
+
+    found: dict[Path, str] = {}
+    for folder in folders:
+        folder = folder.expanduser().resolve()
+        candidates = [folder] + (sorted(folder.iterdir()) if folder.is_dir() else [])
+        for path in candidates:
+            bench = detect(path) if not path.name.startswith(".") else None
+            if bench and path not in found and not any(path.is_relative_to(p) for p in found if p.is_dir()):
+                found[path] = bench
+    return [(bench, path) for path, bench in found.items()]
 
 
 def accuracy_figure(results: dict[str, dict]) -> go.Figure:
-    """Grouped bars: overall and per-type accuracy, one colour per variant."""
+    """Grouped bars: overall and per-category accuracy, one colour per variant."""
     figure = go.Figure()
-    types = sorted({t for r in results.values() for t in r["per_type"]})
+    categories = sorted({c for r in results.values() for c in r["per_type"]})
     for label, result in results.items():
-        figure.add_bar(name=label, x=["overall"] + types,
-                       y=[result["accuracy"]] + [result["per_type"].get(t) for t in types])
+        figure.add_bar(name=label, x=["overall"] + categories,
+                       y=[result["accuracy"]] + [result["per_type"].get(c) for c in categories])
     figure.update_layout(barmode="group", yaxis=dict(range=[0, 1], title="accuracy"), height=360,
-                         margin=dict(l=50, r=10, t=40, b=40), title="Accuracy per variant and question type",
+                         margin=dict(l=50, r=10, t=40, b=40), title="Accuracy per variant and category",
                          legend=dict(orientation="h", y=-0.2))
     return figure
+
+
+def _flips(ids: list) -> str:
+    shown = ", ".join(str(i) for i in ids[:SHOW_FLIPS]) + (", …" if len(ids) > SHOW_FLIPS else "")
+    return f"{len(ids)} ({shown})" if ids else "0"
+
+
+def result_table(results: dict[str, dict]) -> gr.Dataframe:
+    """One row per variant: questions, accuracy, agreement and flips against the first, then each category
+    headed with its question count."""
+    counts: dict[str, int] = {}
+    for r in results.values():
+        for category, n in r["counts"].items():
+            counts[category] = max(counts.get(category, 0), n)
+    categories = sorted(counts)
+    reference = next(iter(results))
+    headers = ["variant", "kind", "questions", "accuracy", f"same answer as {reference}", "right → wrong",
+               "wrong → right"] + [f"{c} (n={counts[c]})" for c in categories]
+    rows = []
+    for label, r in results.items():
+        pair = r.get("versus")
+        rows.append([label, r["kind"], r["n"], round(r["accuracy"], 3),
+                     "—" if pair is None else round(pair["agreement"], 3),
+                     "—" if pair is None else _flips(pair["right_to_wrong"]),
+                     "—" if pair is None else _flips(pair["wrong_to_right"])]
+                    + [round(r["per_type"][c], 3) if c in r["per_type"] else None for c in categories])
+    return gr.Dataframe(value=rows, headers=headers)
 
 
 class EvalTab:
     def __init__(self, settings: Settings, registry: Registry, cache: ModelCache):
         self.settings, self.registry, self.cache = settings, registry, cache
-        self.files = data_files(settings.allow_local)
+        self.benchmarks = {str(path): (bench, path) for bench, path in benchmark_paths(settings.allow_local)}
 
     def data_choices(self) -> list[tuple[str, str]]:
-        return BUILT_IN + [(f.name, str(f)) for f in self.files]
+        from grace.evaluation.benchmarks import TITLES
+
+        return BUILT_IN + [(f"{TITLES.get(bench, bench)} · {path.name}", value)
+                           for value, (bench, path) in self.benchmarks.items()]
+
+    def _plain(self, message: str) -> str:
+        """An error message without the server's folder names."""
+        for folder in self.settings.allow_local:
+            message = message.replace(str(folder.expanduser().resolve()) + "/", "").replace(str(folder), folder.name)
+        return message
+
+    def questions(self, data: str, limit: int):
+        from grace.evaluation import BenchmarkError, read_benchmark
+
+        bench, path = self.benchmarks.get(data, (None, data))
+        try:
+            return read_benchmark(bench, path, limit)[1]
+        except (BenchmarkError, OSError, ValueError) as err:
+            raise gr.Error(f"The data set could not be read: {self._plain(str(err))}") from None
 
     def run(self, family: str, labels: list[str], data: str, limit: float, progress=gr.Progress()):
         import grace
+        from grace.evaluation import compare
 
         if family not in self.registry.names():
             raise gr.Error(f"Unknown model family '{family}'.")
@@ -57,31 +115,34 @@ class EvalTab:
             raise gr.Error("Pick at least one variant of this family.")
         if data not in [value for _, value in self.data_choices()]:
             raise gr.Error("Pick one of the listed data sets.")
-        limit = int(limit or 0)
+        try:
+            limit = int(limit or 0)
+        except (TypeError, ValueError, OverflowError):
+            limit = 0
         if not 1 <= limit <= MAX_QUESTIONS:
             raise gr.Error(f"The number of questions must be between 1 and {MAX_QUESTIONS}.")
-        results: dict[str, dict] = {}
+        items = self.questions(data, limit)   # read once: every variant answers the same questions
+        runs, results = {}, {}
         for index, label in enumerate(labels):
             variant = family.variant(label)
-            progress((index, len(labels)), desc=f"loading {label}")
+            step = f"variant {index + 1}/{len(labels)}"
+            progress(index / len(labels), desc=f"{step} · loading {label}")
 
-            def report(done, total, index=index, label=label):
-                progress((index + done / total, len(labels)), desc=f"{label}: {done}/{total} questions")
+            def report(done, total, index=index, step=step):
+                progress((index + done / total) / len(labels), desc=f"{step} · question {done}/{total}")
 
             try:
                 with self.cache.use(variant.source) as loaded:
-                    result = grace.evaluate(loaded, data, limit=limit, progress=report)
+                    result = grace.evaluate(loaded, items, progress=report, label=label)
             except (grace.GraceLoadError, CacheError) as err:
                 raise gr.Error(f"{label} could not be loaded: {err}") from None
-            except (OSError, ValueError) as err:
-                raise gr.Error(f"The data set could not be read: {err}") from None
-            results[label] = {"kind": variant.kind, **result.summary()}
-        types = sorted({t for r in results.values() for t in r["per_type"]})
-        rows = [[label, r["kind"], r["n"], round(r["accuracy"], 3)] + [round(r["per_type"].get(t, float("nan")), 3)
-                                                                       for t in types]
-                for label, r in results.items()]
-        table = gr.Dataframe(value=rows, headers=["variant", "kind", "questions", "accuracy"] + types)
-        return table, accuracy_figure(results), results
+            runs[label] = result
+            results[label] = {"kind": variant.kind, **result.summary(), "per_type": result.per_category,
+                              "counts": result.counts, "metrics": result.metrics}
+        comparison = compare(runs)
+        for label, pair in (comparison.get("pairs") or {}).items():
+            results[label]["versus"] = {"reference": comparison["reference"], **pair}
+        return result_table(results), accuracy_figure(results), results
 
     def build(self) -> gr.Dropdown:
         names = self.registry.names()
@@ -95,10 +156,12 @@ class EvalTab:
                                             elem_id="eval-variants")
                 data = gr.Dropdown(self.data_choices(), value="shapes-test", label="Data set", elem_id="eval-data")
                 limit = gr.Slider(1, MAX_QUESTIONS, value=100, step=1, label="Questions (first N)")
+                gr.Markdown("Benchmarks use the GRACE authors' protocol (greedy, the option letter). The first "
+                            "variant ticked is the reference for agreement and flips.")
                 run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
             with gr.Column(scale=2):
-                table = gr.Dataframe(label="Accuracy", interactive=False, elem_id="eval-table")
-                chart = gr.Plot(label="Accuracy per question type", elem_id="eval-chart")
+                table = gr.Dataframe(label="Accuracy, agreement and flips", interactive=False, elem_id="eval-table")
+                chart = gr.Plot(label="Accuracy per category", elem_id="eval-chart")
                 details = gr.JSON(visible=False)
 
         def pick_family(name):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -36,13 +35,16 @@ def detect(path: Path) -> str | None:
         if path.suffix == ".tsv":
             return "mmbench"
         if path.suffix == ".json":
-            if path.name == "problems.json":
+            if path.name == "problems.json" or (path.parent / "pid_splits.json").is_file():
                 return "scienceqa"
-            try:
-                head = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            try:   # a peek, not a parse: training JSON files can be gigabytes
+                with path.open(encoding="utf-8", errors="replace") as f:
+                    head = f.read(4096).lstrip()
+            except OSError:
                 return None
-            return "seed" if isinstance(head, dict) and "questions" in head else "conversation"
+            if head.startswith("["):
+                return "conversation"
+            return "seed" if head.startswith("{") and '"questions"' in head else None
         return None
     if path.is_dir():
         if (path / "problems.json").is_file() and (path / "pid_splits.json").is_file():
