@@ -81,50 +81,57 @@ def emit(args, text: str = "", data: dict | None = None) -> None:
 
 
 def run(args) -> int:
-    plan = [(bench, data, read_benchmark(bench, data, args.limit, args.split)) for bench, data in benchmarks(args)]
+    plan = [read_benchmark(bench, data, args.limit, args.split) for bench, data in benchmarks(args)]
     if args.dump_prompts:
-        for index, (bench, data, (name, items)) in enumerate(plan):
-            target = args.dump_prompts if len(plan) == 1 else str(Path(args.dump_prompts).with_suffix("")) + f".{name}.jsonl"
+        for name, items in plan:
+            target = args.dump_prompts if len(plan) == 1 else f"{Path(args.dump_prompts).with_suffix('')}.{name}.jsonl"
             count = dump_prompts(items, target, protocol=args.protocol)
             print(f"wrote {count} {TITLES[name]} prompts to {target}", file=sys.stderr)
         if not (args.model or args.predictions):
             return 0
-    per_model: dict[str, dict] = {}
-    log = RecordLog(args.out, args.resume) if args.out else None
-    try:
-        for bench, data, (name, items) in plan:
-            results = {}
-            if args.predictions:
-                for model, (result, missing) in rescore(items, args.predictions, protocol=args.protocol).items():
-                    result.bench = name
-                    results[model or "saved answers"] = result
-                    emit(args, result_text(result, missing),
-                         {"bench": name, "model": model, **result.summary()} if len(plan) > 1 else None)
-            else:
-                for model in args.model:
-                    result = evaluate(model, items, protocol=args.protocol, max_new_tokens=args.max_new_tokens,
-                                      device=args.device, out=log, label=model, progress=True)
-                    results[model] = result
-                    emit(args, result_text(result),
-                         {"bench": name, "model": model, **result.summary()} if len(plan) > 1 else None)
-            comparison = compare(results)
-            for model, result in results.items():
-                per_model.setdefault(model, {})[name] = result
-            if len(plan) == 1:
-                if comparison:
-                    for model, result in results.items():
-                        emit(args, "", {"model": model, **result.summary()})
-                    emit(args, comparison_text(comparison), {"comparison": comparison})
-                else:
-                    emit(args, "", next(iter(results.values())).summary())
-            elif comparison:
-                emit(args, comparison_text(comparison), {"bench": name, "comparison": comparison})
-    finally:
-        if log is not None:
-            log.close()
+    several = len(plan) > 1
+    results: dict[str, dict] = {name: {} for name, _ in plan}     # bench -> model -> result
+
+    def done(name, model, result, missing=0):
+        results[name][model] = result
+        emit(args, result_text(result, missing), {"bench": name, "model": model, **result.summary()} if several else None)
+
+    if args.predictions:
+        for name, items in plan:
+            for model, (result, missing) in rescore(items, args.predictions, protocol=args.protocol).items():
+                result.bench = name
+                done(name, model or "saved answers", result, missing)
+    else:
+        from ..load import load
+
+        log = RecordLog(args.out, args.resume) if args.out else None
+        try:
+            for model in args.model:   # each model loaded once for all its benchmarks
+                loaded = load(model, device=args.device)
+                for name, items in plan:
+                    done(name, model, evaluate(loaded, items, protocol=args.protocol, max_new_tokens=args.max_new_tokens,
+                                               out=log, label=model, progress=True))
+                del loaded
+        finally:
+            if log is not None:
+                log.close()
+    for name, by_model in results.items():
+        comparison = compare(by_model)
+        if not several and not comparison:
+            emit(args, "", next(iter(by_model.values())).summary())
+        elif not several:
+            for model, result in by_model.items():
+                emit(args, "", {"model": model, **result.summary()})
+            emit(args, comparison_text(comparison), {"comparison": comparison})
+        elif comparison:
+            emit(args, f"{TITLES[name]}: " + comparison_text(comparison), {"bench": name, "comparison": comparison})
     if args.bench == "grace7":
-        rows = {model: release_row(results) for model, results in per_model.items()}
-        emit(args, release_text(rows), {"release_row": rows})
+        rows: dict[str, dict] = {}
+        for name, by_model in results.items():
+            for model, result in by_model.items():
+                rows.setdefault(model, {})[name] = result
+        emit(args, release_text({m: release_row(r) for m, r in rows.items()}),
+             {"release_row": {m: release_row(r) for m, r in rows.items()}})
     return 0
 
 

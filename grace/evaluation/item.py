@@ -118,3 +118,9 @@ def plain(value):
 def text(value) -> str:
     value = plain(value)
     return "" if value is None else str(value)
+
+
+def cell(value) -> str:
+    """A table cell as the authors' scripts print it: str() of what pandas read ("" when empty), so a float
+    column shows 4.0, exactly as their prompts did."""
+    return "" if missing(value) else str(value)

@@ -47,7 +47,7 @@ def referenced_images(row: dict) -> list:
 def subject_files(path: Path, split: str) -> list[tuple[str, Path]]:
     if not path.is_dir():
         raise BenchmarkError(f"{path} is not a folder: give the MMMU folder holding one folder per subject")
-    files = sorted(p for p in path.glob(f"*/{split}-*.parquet") if p.is_file())
+    files = sorted((p for p in path.glob(f"*/{split}-*.parquet") if p.is_file()), key=str)
     if not files:
         raise BenchmarkError(f"no {split}-*.parquet files in the subject folders of {path} "
                              f"(expected {path}/<Subject>/{split}-00000-of-00001.parquet)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .item import EvalItem, missing, text
+from .item import EvalItem, cell, text
 from .tables import find_file, read_tsv
 
 
@@ -16,11 +16,10 @@ def read(path: Path, limit: int | None = None) -> list[EvalItem]:
     rows = read_tsv(find_file(path, "*.tsv", "MMStar TSV"))
     items = []
     for row in rows[:limit]:
-        options = [(letter, text(row[letter]).strip()) for letter in "ABCD"
-                   if letter in row and not missing(row[letter]) and text(row[letter]).strip()
-                   and text(row[letter]).strip().lower() != "nan"]
+        options = [(letter, cell(row[letter]).strip()) for letter in "ABCD"
+                   if cell(row.get(letter)).strip() and cell(row[letter]).strip().lower() != "nan"]
         category = text(row.get("category")) or "_unknown"
-        items.append(EvalItem(text(row["question"]), text(row["answer"]).strip().upper(), category, row["image"],
+        items.append(EvalItem(cell(row["question"]), cell(row["answer"]).strip().upper(), category, row["image"],
                               options or None, id=row["index"], bench="mmstar", kind="choice", pick="last",
                               groups={"category": category, "l2_category": text(row.get("l2_category")) or "_unknown"}))
     return items
