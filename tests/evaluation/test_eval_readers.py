@@ -140,3 +140,15 @@ def test_a_data_root_with_all_seven(tmp_path):
     assert found == {"hallusionbench": "HallusionBench", "mmbench": "MMBench_DEV_EN.tsv", "scienceqa": "ScienceQA",
                      "ai2d": "AI2D", "mmmu": "MMMU", "seed": "SEED-Bench", "mmstar": "MMStar.tsv"}
     assert detect(tmp_path / "AI2D") == "ai2d"
+
+
+def test_unreadable_pictures_are_plain_errors(tmp_path):
+    from grace.evaluation import EvalItem
+    from grace.evaluation.item import Base64Image
+
+    with pytest.raises(ValueError, match="nope.png"):
+        EvalItem("q", "a", image=tmp_path / "nope.png").load_image()
+    with pytest.raises(ValueError, match="embedded image"):
+        EvalItem("q", "a", image=Base64Image("bm90IGFuIGltYWdl")).load_image()
+    with pytest.raises(ValueError, match="no bytes"):
+        EvalItem("q", "a", image={"bytes": None, "path": None}).load_image()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import grace
-from grace.evaluation import EvalItem, dump_prompts, evaluate, read_benchmark, rescore, runner
+from grace.evaluation import EvalItem, dump_prompts, evaluate, rescore, runner
 
 import bench_files as bf
 
