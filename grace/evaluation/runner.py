@@ -45,6 +45,8 @@ class RecordLog:
                 if "id" in record and "answer" in record:
                     self.done[(record.get("bench"), record.get("model"), id_key(record["id"]))] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and self.path.is_file():
+            drop_torn_line(self.path)
         self.file = self.path.open("a" if resume else "w", encoding="utf-8")
 
     def previous(self, bench: str, model: str | None, item: EvalItem) -> dict | None:
@@ -56,6 +58,14 @@ class RecordLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def drop_torn_line(path: Path) -> None:
+    """Cut a last line a killed run left half-written, so appended records start on a line of their own."""
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -112,7 +122,8 @@ def evaluate(model, data: str | Path | Iterable[EvalItem], *, bench: str | None 
     try:
         for index, item in enumerate(items):
             before = log.previous(bench, label, item) if log else None
-            if before is not None and not before.get("error"):   # failed questions are asked again
+            # reuse a saved reply only if it answered this very prompt; failed questions are asked again
+            if before is not None and not before.get("error") and before.get("prompt") == build_prompt(item, protocol):
                 record = score_one(item, before["answer"], protocol, prompt=before.get("prompt"), model=label)
             else:
                 record = ask(loaded, item, protocol, label, max_new_tokens)

@@ -58,6 +58,10 @@ def test_resume_continues_where_the_run_stopped(tmp_path, tiny, monkeypatch):
     assert result.n == 4 and result.accuracy == 0.75
     full = evaluate(tiny, data, progress=False, label="m")          # the same as one uninterrupted run
     assert full.summary() == result.summary()
+    third = FakeModel(replies)
+    monkeypatch.setattr(runner, "generate", third)
+    evaluate(tiny, data, out=out, resume=True, progress=False, label="m", protocol="llava")
+    assert len(third.asked) == 4                                    # other prompts: nothing to reuse
 
 
 def test_failed_questions_are_recorded_and_scored_wrong(tmp_path, tiny, monkeypatch):
