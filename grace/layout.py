@@ -25,7 +25,7 @@ QAT_SIDECAR = "qat_quantized_weights.bin"
 class Layout:
     """What a checkpoint folder holds. `format` names the on-disk layout, `kind` what it means."""
 
-    format: str                    # plain | grace-awq | hf-awq | grace-qat | grace-int8
+    format: str                    # plain | grace-awq | hf-awq | grace-qat | grace-int8 | gptq | auto-round
     kind: str                      # bf16 | int8 | int4
     bits: int = 16
     group_size: int = 128
@@ -65,6 +65,10 @@ def detect(folder: Path, config: dict) -> Layout:
         return Layout("grace-awq", "int4", 4, int(spec.get("group_size", packing.get("group_size", 128))), modules)
     if quant:
         method = quant.get("quant_method")
+        from .gptq_layout import detect_gptq, is_gptq
+
+        if is_gptq(quant):
+            return detect_gptq(folder, quant)
         if method != "awq":
             raise GraceLoadError(f"{folder}: quantization method '{method}' is not supported (AWQ GEMM and the "
                                  "GRACE layouts are)")

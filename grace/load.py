@@ -20,6 +20,7 @@ from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalG
 
 from . import hub
 from .errors import GraceLoadError
+from .gptq_layout import GPTQ_FORMATS, place_gptq
 from .layout import (QAT_SIDECAR, Layout, detect, name_matches, read_config, read_sidecar, read_tensors,
                      safetensors_files)
 from .quant import awq_pack
@@ -36,7 +37,7 @@ class LoadedModel:
     kind: str            # "bf16" | "int8" | "int4": what the checkpoint's linears mean
     source: str          # what the user asked for (repo id or path)
     path: Path           # the local folder it was read from
-    format: str          # on-disk layout: plain | grace-awq | hf-awq | grace-qat | grace-int8
+    format: str          # on-disk layout: plain | grace-awq | hf-awq | grace-qat | grace-int8 | gptq | auto-round
     packed: bool         # quantized linears held as low-bit codes (False: plain weights)
 
     @property
@@ -124,6 +125,8 @@ def _place_model(model, layout: Layout, tensors, folder: Path, device, dtype, pa
         _place_awq(model, layout, linears, tensors, folder, device, dtype)
     elif layout.format == "grace-int8":
         _place_int8(model, layout, linears, tensors, folder, device, dtype)
+    elif layout.format in GPTQ_FORMATS:
+        place_gptq(model, layout, linears, tensors, folder, device, dtype)
     elif layout.format == "grace-qat" and packed:
         _place_qat(model, layout, linears, tensors, folder, device, dtype)
     _load_plain(model, tensors, folder, device, dtype)

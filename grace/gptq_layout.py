@@ -1,0 +1,99 @@
+"""The GPTQ-format layouts AutoRound (and AutoGPTQ) write, read into `Int4Linear`.
+
+Two `quantization_config`s carry the same tensors (see grace/quant/gptq_pack.py):
+- `quant_method: "gptq"` (AutoRound's `format="auto_gptq"`, AutoGPTQ, gptqmodel) -> format "gptq";
+- `quant_method: "auto-round"` with `packing_format` "auto_round:auto_gptq" / "auto_round:gptq"
+  (AutoRound's native export) -> format "auto-round".
+The quantized modules are exactly those with `<module>.qweight` in the checkpoint: a GPTQ export
+may name no blocks, and guessing them from block names is how auto-round's own loader breaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import GraceLoadError
+from .layout import Layout
+from .quant import gptq_pack
+from .quant.int4 import Int4Linear
+from .quant.quantize import replace_module
+
+GPTQ_FORMATS = ("gptq", "auto-round")
+GPTQ_PACKINGS = ("auto_round:auto_gptq", "auto_round:gptq")
+
+
+@dataclass
+class GPTQLayout(Layout):
+    zero_offset: int = 1                                   # v1 stores zero - 1; gptq_v2 stores the zero
+    desc_act: bool = False
+    blocks: list[str] = field(default_factory=list)        # block_name_to_quantize, when the config names any
+
+
+def is_gptq(quant: dict) -> bool:
+    return quant.get("quant_method") in GPTQ_FORMATS
+
+
+def detect_gptq(folder: Path, quant: dict) -> GPTQLayout:
+    method = quant.get("quant_method")
+    if method == "auto-round":
+        packing = str(quant.get("packing_format", "auto_round:auto_gptq"))
+        if not packing.startswith(GPTQ_PACKINGS):
+            raise GraceLoadError(f"{folder}: AutoRound packing '{packing}' is not supported; grace reads AutoRound "
+                                 "checkpoints exported in the GPTQ packing (packing_format auto_round:auto_gptq). "
+                                 "Re-export with format='auto_gptq' or 'auto_round:auto_gptq'.")
+    bits = int(quant.get("bits", 4))
+    if bits != 4:
+        raise GraceLoadError(f"{folder}: a {bits}-bit {method} checkpoint; grace reads 4-bit GPTQ weights only")
+    if str(quant.get("data_type", "int")) != "int":
+        raise GraceLoadError(f"{folder}: {method} data type '{quant.get('data_type')}' is not supported (only int)")
+    version = str(quant.get("checkpoint_format", "gptq")).lower()
+    if version not in ("gptq", "gptq_v2"):
+        raise GraceLoadError(f"{folder}: GPTQ checkpoint format '{version}' is not supported (gptq or gptq_v2)")
+    blocks = quant.get("block_name_to_quantize") or []
+    if isinstance(blocks, str):
+        blocks = [b for b in blocks.split(",") if b]
+    return GPTQLayout(method, "int4", 4, int(quant.get("group_size", 128)), zero_offset=0 if version == "gptq_v2" else 1,
+                      desc_act=bool(quant.get("desc_act", False)), blocks=list(blocks))
+
+
+def _take(tensors: dict, name: str, suffix: str, folder: Path) -> torch.Tensor:
+    if name + suffix not in tensors:
+        raise GraceLoadError(f"{folder}: quantized module '{name}' has no {name + suffix} in the weights")
+    return tensors.pop(name + suffix)
+
+
+def place_gptq(model, layout: GPTQLayout, linears: dict, tensors: dict, folder: Path, device, dtype,
+               rename=lambda name: name) -> list[str]:
+    """Swap every linear that has `<name>.qweight` for an Int4Linear holding its codes; pops what it uses.
+    `rename` maps a checkpoint module name to the model's (identity for Qwen3-VL)."""
+    found = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+    if not found:
+        raise GraceLoadError(f"{folder}: the config says {layout.format}, but no tensor ends in .qweight")
+    for name in found:
+        target = rename(name)
+        if target not in linears:
+            raise GraceLoadError(f"{folder}: packed weights for '{name}', which is not a linear layer of this model")
+        if layout.blocks and not any(name == b or name.startswith(b + ".") for b in layout.blocks):
+            raise GraceLoadError(f"{folder}: '{name}' is quantized but lies outside block_name_to_quantize "
+                                 f"({', '.join(layout.blocks)})")
+        qweight, qzeros, scales = (_take(tensors, name, s, folder) for s in (".qweight", ".qzeros", ".scales"))
+        g_idx = tensors.pop(name + ".g_idx", None)
+        if layout.desc_act and g_idx is None:
+            raise GraceLoadError(f"{folder}: desc_act is set but '{name}' has no g_idx, so its groups are unknown")
+        linear = linears[target]
+        if (qweight.shape[0] * 8, qweight.shape[1]) != (linear.in_features, linear.out_features):
+            raise GraceLoadError(f"{folder}: the weights are not in the {layout.format} (GPTQ) packing the config "
+                                 f"names: '{name}.qweight' has shape {tuple(qweight.shape)}, GPTQ would be "
+                                 f"{(linear.in_features // 8, linear.out_features)}")
+        codes, scale, zeros, group = gptq_pack.decode(qweight, qzeros, scales, layout.group_size, g_idx,
+                                                      layout.zero_offset, name=f"{folder}: {name}")
+        bias = tensors.pop(name + ".bias", None)
+        module = Int4Linear(linear.in_features, linear.out_features, bias is not None, group, dtype, device)
+        module.set_codes(codes, scale, zeros)
+        if bias is not None:
+            module.bias.data = bias.to(device, dtype)
+        replace_module(model, target, module)
+    return found
