@@ -47,7 +47,7 @@ def read_config(folder: Path) -> dict:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise GraceLoadError(f"{folder} holds a '{model_type}' model; grace loads Qwen3-VL checkpoints "
-                             f"(model_type {', '.join(SUPPORTED_MODEL_TYPES)})")
+                             f"(model_type {', '.join(SUPPORTED_MODEL_TYPES)}) and LLaVA-1.5 ones")
     return config
 
 

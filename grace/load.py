@@ -21,7 +21,7 @@ from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalG
 from . import hub
 from .errors import GraceLoadError
 from .gptq_layout import GPTQ_FORMATS, place_gptq
-from .layout import (QAT_SIDECAR, Layout, detect, name_matches, read_config, read_sidecar, read_tensors,
+from .layout import (QAT_SIDECAR, Layout, detect, name_matches, read_config, read_json, read_sidecar, read_tensors,
                      safetensors_files)
 from .quant import awq_pack
 from .quant.int4 import Int4Linear
@@ -74,18 +74,24 @@ def default_device() -> torch.device:
 
 
 def load(source: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         packed: bool = True, revision: str | None = None) -> LoadedModel:
+         packed: bool = True, revision: str | None = None, vision_tower: str | os.PathLike | None = None) -> LoadedModel:
     """Load any GRACE release format, a Qwen3-VL checkpoint or a transformers AWQ checkpoint.
 
     source: local folder or Hub repo id. device: default CUDA when available, else CPU.
     dtype: of the non-quantized weights and activations (default bfloat16).
     packed: hold quantized linears as real 4/8-bit weights; False keeps a QAT release as stored.
+    vision_tower: LLaVA only: folder (or repo id) of the CLIP tower the config's mm_vision_tower names,
+    for offline machines and mirrors (else $GRACE_VISION_TOWER, else the Hub / its local cache).
     """
     from .processor import build_processor
 
     folder = hub.resolve(source, revision=revision)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.bfloat16
+    from .llava import is_llava, load_llava
+
+    if is_llava(raw := read_json(folder / "config.json")):
+        return load_llava(folder, source, raw, device=device, dtype=dtype, packed=packed, vision_tower=vision_tower)
     config_dict = read_config(folder)
     layout = detect(folder, config_dict)
     try:
@@ -119,7 +125,8 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _place_model(model, layout: Layout, tensors, folder: Path, device, dtype, packed: bool) -> None:
+def _place_model(model, layout: Layout, tensors, folder: Path, device, dtype, packed: bool, sidecar=None) -> None:
+    """sidecar: the QAT sidecar under the model's names (default: read from the folder as is)."""
     linears = _linears(model)
     if layout.format in ("grace-awq", "hf-awq"):
         _place_awq(model, layout, linears, tensors, folder, device, dtype)
@@ -128,7 +135,7 @@ def _place_model(model, layout: Layout, tensors, folder: Path, device, dtype, pa
     elif layout.format in GPTQ_FORMATS:
         place_gptq(model, layout, linears, tensors, folder, device, dtype)
     elif layout.format == "grace-qat" and packed:
-        _place_qat(model, layout, linears, tensors, folder, device, dtype)
+        _place_qat(model, layout, linears, tensors, folder, device, dtype, sidecar)
     _load_plain(model, tensors, folder, device, dtype)
 
 
@@ -188,8 +195,9 @@ def qat_module_names(linears: dict, skip: list[str]) -> list[str]:
     return [n for n in linears if not any(k in n for k in skip)]
 
 
-def _place_qat(model, layout, linears, tensors, folder, device, dtype) -> None:
-    sidecar = read_sidecar(folder / QAT_SIDECAR) if (folder / QAT_SIDECAR).is_file() else {}
+def _place_qat(model, layout, linears, tensors, folder, device, dtype, sidecar=None) -> None:
+    if sidecar is None:
+        sidecar = read_sidecar(folder / QAT_SIDECAR) if (folder / QAT_SIDECAR).is_file() else {}
     if sidecar:
         names = sorted({k[: -len(".log_scale")] for k in sidecar if k.endswith(".log_scale")})
     else:

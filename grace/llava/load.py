@@ -1,0 +1,118 @@
+"""Loading the GRACE LLaVA-1.5 releases (QAT and AWQ, original LLaVA naming) and llava-hf checkpoints
+into transformers' own `LlavaForConditionalGeneration`: no LLaVA codebase, no remote code.
+
+The quantized linears go through the same placement as Qwen3-VL (`grace.load`), after the tensor,
+module and sidecar names are mapped to transformers' (`naming`). The vision tower's weights come from
+the CLIP checkpoint the config names, as in the original loader (`vision_tower`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from ..errors import GraceLoadError
+from ..layout import QAT_SIDECAR, detect, read_sidecar, read_tensors, safetensors_files
+from . import naming, vision_tower as towers
+from .config import is_llava_hf, is_original_llava, llava_config
+from .processor import build_processor
+
+# the original skip keywords name the projector by its original name
+SKIP_ALIASES = {"mm_projector": "multi_modal_projector"}
+
+
+def is_llava(config: dict) -> bool:
+    return is_original_llava(config) or is_llava_hf(config)
+
+
+def _rename_tensors(tensors: dict, folder: Path) -> dict:
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith(naming.VISION_TOWER_COPY):
+            continue   # the original loader reads the tower from mm_vision_tower, never this copy
+        name = naming.to_hf(key)
+        if name is None:
+            raise GraceLoadError(f"{folder}: the weights hold '{key}', which is not a LLaVA-1.5 tensor name")
+        out[name] = value
+    return out
+
+
+def _rename_layout(layout):
+    skip = list(layout.skip) + [SKIP_ALIASES[k] for k in layout.skip if k in SKIP_ALIASES]
+    modules = [naming.to_hf(m) or m for m in layout.modules]
+    return replace(layout, modules=modules, skip=skip)
+
+
+def _pad_embeddings(tensors: dict, rows: int) -> None:
+    """The placeholder's extra embedding row (never read: image features replace it)."""
+    key = "model.language_model.embed_tokens.weight"
+    emb = tensors.get(key)
+    if emb is not None and emb.shape[0] == rows - 1:
+        tensors[key] = torch.cat([emb, emb.new_zeros(1, emb.shape[1])])
+
+
+def build_empty(config: LlavaConfig, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    """The model on the meta device; `lm_head` as wide as the real vocabulary (not the placeholder row)."""
+    with init_empty_weights(include_buffers=False):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        vocab = getattr(config, "original_vocab_size", None)
+        if vocab is not None and vocab != model.lm_head.out_features:
+            model.lm_head = nn.Linear(config.text_config.hidden_size, vocab, bias=False, dtype=dtype)
+    return model
+
+
+def load_llava(folder: Path, source, config_dict: dict, *, device, dtype, packed: bool, vision_tower=None):
+    from ..load import _BUILD_LOCK, LoadedModel, _place_model   # grace.load imports this module lazily
+
+    if is_llava_hf(config_dict):
+        return _load_llava_hf(folder, source, device=device, dtype=dtype)
+    layout = detect(folder, config_dict)
+    if layout.format not in ("plain", "grace-qat", "grace-awq"):
+        raise GraceLoadError(f"{folder}: a LLaVA checkpoint in the '{layout.format}' layout is not supported "
+                             "(plain, GRACE QAT and GRACE AWQ are)")
+    tower = towers.read(towers.locate(config_dict, vision_tower))
+    config = llava_config(config_dict, tower.config, folder)
+    processor = build_processor(folder, config, tower.preprocessor)
+    tensors = _rename_tensors(read_tensors(safetensors_files(folder)), folder)
+    tensors.update(towers.weights(tower))
+    _pad_embeddings(tensors, config.text_config.vocab_size)
+    sidecar = None
+    if layout.format == "grace-qat" and packed and (folder / QAT_SIDECAR).is_file():
+        sidecar = {naming.to_hf(k) or k: v for k, v in read_sidecar(folder / QAT_SIDECAR).items()}
+    with _BUILD_LOCK:
+        model = build_empty(config, dtype)
+        _place_model(model, _rename_layout(layout), tensors, folder, device, dtype, packed, sidecar=sidecar)
+    model.eval()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    held_packed = layout.format != "plain" and (packed or layout.format != "grace-qat")
+    return LoadedModel(model, processor, layout.kind, str(source), folder, f"llava-{layout.format}"
+                       if layout.format != "plain" else "llava", held_packed)
+
+
+def _load_llava_hf(folder: Path, source, *, device, dtype):
+    """A plain llava-hf checkpoint (e.g. llava-hf/llava-1.5-7b-hf, the fp16 reference)."""
+    from transformers import AutoProcessor
+
+    from ..load import _BUILD_LOCK, LoadedModel, _place_model
+    from ..layout import Layout
+
+    try:
+        config = LlavaConfig.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        raise GraceLoadError(f"{folder}: not a readable llava-hf checkpoint (config / processor): {err}") from None
+    tensors = {naming.llava_hf_to_hf(k): v for k, v in read_tensors(safetensors_files(folder)).items()}
+    with _BUILD_LOCK:
+        with init_empty_weights(include_buffers=False):
+            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        _place_model(model, Layout("plain", "bf16"), tensors, folder, device, dtype, True)
+    model.eval()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return LoadedModel(model, processor, "bf16", str(source), folder, "llava-hf", False)

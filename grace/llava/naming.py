@@ -1,0 +1,59 @@
+"""Tensor names: the original LLaVA codebase's (`LlavaLlamaForCausalLM`) <-> transformers 5's
+`LlavaForConditionalGeneration`.
+
+The same steps as transformers' `convert_llava_weights_to_hf.py`, followed by transformers 5's own
+renaming: the language model under `model.language_model`, the projector's `mm_projector.0/.2` as
+`multi_modal_projector.linear_1/linear_2`, the vision tower under `model.vision_tower` with no
+`vision_model.` level, and `lm_head` at the top.
+"""
+
+from __future__ import annotations
+
+# (original prefix, transformers prefix), tried in order; the first match wins.
+ORIGINAL_TO_HF = (
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
+    ("model.", "model.language_model."),
+    ("lm_head.", "lm_head."),
+)
+# llava-hf checkpoints saved by transformers 4.x (`language_model.model.*`, `vision_tower.vision_model.*`).
+LLAVA_HF_V4_TO_HF = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+VISION_TOWER_COPY = "model.vision_tower.vision_tower."     # the tower the original loader never reads
+CLIP_VISION_PREFIX = "vision_model."                       # in a CLIPModel / CLIPVisionModel checkpoint
+
+
+def _rename(name: str, table) -> str | None:
+    for old, new in table:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return None
+
+
+def to_hf(name: str) -> str | None:
+    """Original LLaVA tensor / module name -> transformers name (None: not a LLaVA name)."""
+    return _rename(name, ORIGINAL_TO_HF)
+
+
+def to_original(name: str) -> str | None:
+    """transformers name -> original LLaVA name (the inverse of `to_hf`)."""
+    return _rename(name, tuple((new, old) for old, new in ORIGINAL_TO_HF))
+
+
+def llava_hf_to_hf(name: str) -> str:
+    """A llava-hf checkpoint name, in either transformers generation's naming -> transformers 5's."""
+    if name.startswith(("model.", "lm_head.")):
+        return name
+    return _rename(name, LLAVA_HF_V4_TO_HF) or name
+
+
+def vision_tower_to_hf(name: str) -> str | None:
+    """A CLIP checkpoint's `vision_model.*` tensor -> the LLaVA model's (None: not part of the vision tower)."""
+    if name.startswith(CLIP_VISION_PREFIX):
+        return "model.vision_tower." + name[len(CLIP_VISION_PREFIX):]
+    return None
