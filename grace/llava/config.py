@@ -73,3 +73,27 @@ def llava_config(config: dict, vision: CLIPVisionConfig, folder="the checkpoint"
     result.original_vocab_size = vocab          # lm_head's width (the embedding table has one more row)
     result.mm_vision_tower = config.get("mm_vision_tower")
     return result
+
+
+def original_config(config: LlavaConfig, torch_dtype: str = "bfloat16") -> dict:
+    """The inverse: an original-codebase `config.json` (what `LlavaLlamaForCausalLM` saves) for a
+    transformers LLaVA-1.5 model, e.g. one built by `grace.llava.tiny` or trained here."""
+    text, vision = config.text_config, config.vision_config
+    vocab = getattr(config, "original_vocab_size", text.vocab_size - 1)
+    out = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama"}
+    for key in LLAMA_KEYS:
+        value = getattr(text, key, None)
+        if value is not None and key != "head_dim":
+            out[key] = value
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    out["rope_theta"] = float(rope.pop("rope_theta", 10000.0))
+    out["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    out.update({"vocab_size": vocab, "tie_word_embeddings": False, "pretraining_tp": 1, "use_cache": True,
+                "image_aspect_ratio": getattr(config, "image_aspect_ratio", "pad"),
+                "mm_hidden_size": vision.hidden_size, "mm_patch_merge_type": "flat", "mm_projector_type": "mlp2x_gelu",
+                "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+                "mm_vision_select_feature": "patch" if config.vision_feature_select_strategy == "default" else "cls_patch",
+                "mm_vision_select_layer": config.vision_feature_layer,
+                "mm_vision_tower": getattr(config, "mm_vision_tower", None) or "openai/clip-vit-large-patch14-336",
+                "use_mm_proj": True, "torch_dtype": torch_dtype})
+    return out

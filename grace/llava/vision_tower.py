@@ -51,9 +51,9 @@ def _download(repo: str, hint_repo: str) -> Path:
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
         raise GraceLoadError(f"the vision tower '{repo}' is not a Hub repository anyone can read; "
                              + _offline_hint(hint_repo)) from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
         raise GraceLoadError(f"the LLaVA vision tower '{repo}' could not be found: it is not in the local Hugging "
-                             f"Face cache and the Hub could not be reached ({type(err).__name__}). "
+                             "Face cache and the Hub could not be reached (offline, or no network). "
                              + _offline_hint(hint_repo)) from None
 
 

@@ -1,0 +1,35 @@
+import shutil
+
+import pytest
+
+LLAVA_FIXTURES = {"llava-tiny-grace-w4g128-qat": "llava-grace-qat", "llava-tiny-grace-w4g128-awq": "llava-grace-awq"}
+
+
+@pytest.fixture
+def clip_tiny(fixtures_dir):
+    return fixtures_dir / "clip-tiny"
+
+
+@pytest.fixture(autouse=True)
+def no_tower_env(monkeypatch):
+    monkeypatch.delenv("GRACE_VISION_TOWER", raising=False)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """The Hub unreachable and an empty cache: only what the test puts in `tmp_path / 'hf-cache'` exists."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def copy_fixture(fixtures_dir, name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(fixtures_dir / name, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    return dst

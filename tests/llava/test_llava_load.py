@@ -1,0 +1,105 @@
+"""The GRACE LLaVA-1.5 release layouts load into transformers' LlavaForConditionalGeneration."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration
+
+import grace
+from grace.chat import build_inputs
+from grace.quant import Int4Linear
+
+from conftest import LLAVA_FIXTURES
+
+
+def reference(folder, processor):
+    meta = json.loads((folder / "expected.json").read_text())
+    return build_inputs(processor, Image.open(folder / meta["image"]), meta["prompt"]), load_file(folder / "expected.safetensors")
+
+
+@pytest.mark.parametrize("name,fmt", LLAVA_FIXTURES.items())
+def test_fixture_logits_ids_and_greedy(fixtures_dir, clip_tiny, name, fmt):
+    folder = fixtures_dir / name
+    loaded = grace.load(folder, device="cpu", dtype=torch.float32, vision_tower=clip_tiny)
+    assert isinstance(loaded.model, LlavaForConditionalGeneration)
+    assert (loaded.kind, loaded.format, loaded.packed) == ("int4", fmt, True)
+    names = loaded.quantized_modules
+    assert len(names) == 14 and all(n.startswith("model.language_model.layers.") for n in names)
+    assert all(isinstance(loaded.model.get_submodule(n), Int4Linear) for n in names)
+    inputs, expected = reference(folder, loaded.processor)
+    assert torch.equal(inputs["input_ids"], expected["input_ids_hf"])       # <image> expanded to 16 placeholders
+    assert torch.equal(inputs["pixel_values"], expected["pixel_values"])
+    with torch.no_grad():
+        out = loaded.model(**inputs)
+    assert (out.logits[0] - expected["logits"]).abs().max().item() < 1e-3
+    assert (out.image_outputs.pooler_output[0] - expected["image_features"]).abs().max().item() < 1e-4
+    gen = loaded.model.generate(**inputs, max_new_tokens=len(expected["greedy_ids"]), do_sample=False)
+    assert gen[0, inputs["input_ids"].shape[1]:].tolist() == expected["greedy_ids"].tolist()
+
+
+def test_qat_unpacked_is_the_bf16_grid_as_stored(fixtures_dir, clip_tiny):
+    folder = fixtures_dir / "llava-tiny-grace-w4g128-qat"
+    loaded = grace.load(folder, device="cpu", dtype=torch.float32, vision_tower=clip_tiny, packed=False)
+    assert loaded.kind == "int4" and not loaded.packed and not loaded.quantized_modules
+    stored = {}
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        stored.update(load_file(shard))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(loaded.model.state_dict()["model.language_model.layers.1.mlp.down_proj.weight"], stored[name].float())
+    inputs, expected = reference(folder, loaded.processor)
+    with torch.no_grad():
+        diff = (loaded.model(**inputs).logits[0] - expected["logits"]).abs().max().item()
+    assert 0.05 < diff < 0.5   # the README's 0.17: the rounded grid, not the trained weights
+
+
+@pytest.mark.parametrize("name", LLAVA_FIXTURES)
+def test_int4_bytes_at_most_half_of_bf16(fixtures_dir, clip_tiny, name):
+    loaded = grace.load(fixtures_dir / name, device="cpu", dtype=torch.bfloat16, vision_tower=clip_tiny)
+    held = plain = 0
+    for n in loaded.quantized_modules:
+        m = loaded.model.get_submodule(n)
+        held += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+        plain += m.in_features * m.out_features * 2
+    assert held <= 0.5 * plain, held / plain
+    unpacked = grace.load(fixtures_dir / "llava-tiny-grace-w4g128-qat", device="cpu", dtype=torch.bfloat16,
+                          vision_tower=clip_tiny, packed=False)
+    assert loaded.weight_bytes < unpacked.weight_bytes
+
+
+def test_vision_tower_from_environment_variable(fixtures_dir, clip_tiny, monkeypatch):
+    monkeypatch.setenv("GRACE_VISION_TOWER", str(clip_tiny))
+    loaded = grace.load(fixtures_dir / "llava-tiny-grace-w4g128-awq", device="cpu", dtype=torch.float32)
+    assert loaded.kind == "int4"
+
+
+def test_vision_tower_from_an_offline_hub_cache(fixtures_dir, clip_tiny, offline_hub):
+    """The config's mm_vision_tower resolved through huggingface_hub's own cache, as on an offline machine."""
+    repo = offline_hub / "models--openai--clip-vit-large-patch14-336"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in clip_tiny.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    folder = fixtures_dir / "llava-tiny-grace-w4g128-awq"
+    loaded = grace.load(folder, device="cpu", dtype=torch.float32)
+    inputs, expected = reference(folder, loaded.processor)
+    with torch.no_grad():
+        assert (loaded.model(**inputs).logits[0] - expected["logits"]).abs().max().item() < 1e-3
+
+
+def test_chat_answers_with_the_vicuna_prompt(fixtures_dir, clip_tiny):
+    from grace.chat import GenerationSettings, answer
+
+    folder = fixtures_dir / "llava-tiny-grace-w4g128-awq"
+    loaded = grace.load(folder, device="cpu", dtype=torch.float32, vision_tower=clip_tiny)
+    expected = load_file(folder / "expected.safetensors")
+    result = answer(loaded, Image.open(folder / "image.png"), "Describe this image.", GenerationSettings(max_new_tokens=8))
+    assert result.done and result.token_ids == expected["greedy_ids"].tolist()
+    assert result.prompt_tokens == expected["input_ids_hf"].shape[1]
+    text_only = answer(loaded, None, "Hello", GenerationSettings(max_new_tokens=3))
+    assert text_only.done and len(text_only.token_ids) <= 3
