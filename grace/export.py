@@ -141,19 +141,38 @@ def _awq_tensors(name: str, module: Int4Linear) -> dict[str, torch.Tensor]:
             name + ".scales": scales.half().contiguous()}
 
 
-def _load_for_export(source, kind: str):
+def _load_for_export(source, kind: str, vision_tower=None):
     from .load import LoadedModel, load
 
-    loaded = source if isinstance(source, LoadedModel) else load(source, device="cpu", dtype=torch.float32)
+    loaded = source if isinstance(source, LoadedModel) else load(source, device="cpu", dtype=torch.float32,
+                                                                 vision_tower=vision_tower)
     if loaded.kind != kind or not loaded.packed:
         raise GraceLoadError(f"{loaded.source} is a {loaded.kind} ({loaded.format}) checkpoint; this export needs {kind}")
     return loaded
 
 
-def export_awq(source, out_dir) -> Path:
-    """GRACE QAT W4 release (folder, repo id or LoadedModel) -> GRACE AWQ INT4 release layout.
-    Paths are loaded in fp32 so scales reach the fp16 AWQ tensors unrounded (bit-exact with AutoAWQ)."""
-    loaded = _load_for_export(source, "int4")
+def export_awq(source, out_dir, layout: str = "grace", vision_tower=None) -> Path:
+    """GRACE QAT W4 release (folder, repo id or LoadedModel) -> AWQ INT4.
+    layout "grace": the GRACE `-AWQ` release layout (for a LLaVA release, as the authors' deploy script
+    writes it: original LLaVA names); "hf": the standard transformers AWQ layout (`quantization_config`),
+    which vLLM and SGLang serve. Paths are loaded in fp32 so scales reach the fp16 AWQ tensors unrounded
+    (bit-exact with AutoAWQ). vision_tower: for a LLaVA source, as in `grace.load`."""
+    if layout not in ("grace", "hf"):
+        raise ValueError(f"layout must be 'grace' or 'hf', not {layout!r}")
+    loaded = _load_for_export(source, "int4", vision_tower)
+    llava = loaded.format.startswith("llava")
+    if layout == "hf":
+        if llava:
+            from .llava.export import save_llava_hf_awq
+
+            return save_llava_hf_awq(loaded, out_dir)
+        from .export_hf_awq import save_hf_awq
+
+        return save_hf_awq(loaded.model, loaded.processor, out_dir)
+    if llava:
+        from .llava.export import save_llava_awq
+
+        return save_llava_awq(loaded, out_dir)
     return save_packed(loaded.model, loaded.processor, out_dir)
 
 
@@ -168,7 +187,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("format", choices=["awq", "int8"], help="awq: from a W4 release; int8: from a W8 release")
     parser.add_argument("source", help="QAT release folder or Hub repo id")
     parser.add_argument("out", help="output folder")
+    parser.add_argument("--layout", choices=["grace", "hf"], default="grace",
+                        help="awq only: grace = the GRACE -AWQ release layout; hf = transformers' AWQ layout (vLLM, SGLang)")
+    parser.add_argument("--vision-tower", help="LLaVA only: folder of the CLIP tower (offline / mirrors)")
     args = parser.parse_args(argv)
-    out = (export_awq if args.format == "awq" else export_int8)(args.source, args.out)
+    if args.format == "awq":
+        out = export_awq(args.source, args.out, layout=args.layout, vision_tower=args.vision_tower)
+    else:
+        out = export_int8(args.source, args.out)
     print(f"wrote {out}")
     return 0

@@ -70,7 +70,7 @@ def load_llava(folder: Path, source, config_dict: dict, *, device, dtype, packed
     from ..load import _BUILD_LOCK, LoadedModel, _place_model   # grace.load imports this module lazily
 
     if is_llava_hf(config_dict):
-        return _load_llava_hf(folder, source, device=device, dtype=dtype)
+        return _load_llava_hf(folder, source, config_dict, device=device, dtype=dtype)
     layout = detect(folder, config_dict)
     if layout.format not in ("plain", "grace-qat", "grace-awq"):
         raise GraceLoadError(f"{folder}: a LLaVA checkpoint in the '{layout.format}' layout is not supported "
@@ -95,24 +95,31 @@ def load_llava(folder: Path, source, config_dict: dict, *, device, dtype, packed
                        if layout.format != "plain" else "llava", held_packed)
 
 
-def _load_llava_hf(folder: Path, source, *, device, dtype):
-    """A plain llava-hf checkpoint (e.g. llava-hf/llava-1.5-7b-hf, the fp16 reference)."""
+def _load_llava_hf(folder: Path, source, raw: dict, *, device, dtype):
+    """A llava-hf checkpoint: plain (e.g. llava-hf/llava-1.5-7b-hf, the fp16 reference) or in the
+    transformers AWQ layout (what `grace.export_awq(..., layout="hf")` writes for LLaVA)."""
     from transformers import AutoProcessor
 
     from ..load import _BUILD_LOCK, LoadedModel, _place_model
-    from ..layout import Layout
 
+    layout = detect(folder, raw)
+    if layout.format not in ("plain", "hf-awq"):
+        raise GraceLoadError(f"{folder}: a llava-hf checkpoint in the '{layout.format}' layout is not supported "
+                             "(plain and transformers AWQ are)")
     try:
         config = LlavaConfig.from_pretrained(folder)
         processor = AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as err:
         raise GraceLoadError(f"{folder}: not a readable llava-hf checkpoint (config / processor): {err}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config   # handled here; transformers' own AWQ path needs gptqmodel
     tensors = {naming.llava_hf_to_hf(k): v for k, v in read_tensors(safetensors_files(folder)).items()}
     with _BUILD_LOCK:
         with init_empty_weights(include_buffers=False):
             model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-        _place_model(model, Layout("plain", "bf16"), tensors, folder, device, dtype, True)
+        _place_model(model, layout, tensors, folder, device, dtype, True)
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    return LoadedModel(model, processor, "bf16", str(source), folder, "llava-hf", False)
+    fmt = "llava-hf" if layout.format == "plain" else "llava-hf-awq"
+    return LoadedModel(model, processor, layout.kind, str(source), folder, fmt, layout.format != "plain")
