@@ -17,6 +17,8 @@ def main(argv: list[str]) -> int:
                         help="checkpoint folder or Hub repo id (repeat to compare; the first is the reference)")
     parser.add_argument("--image", help="image file (omit for a text-only question)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--vision-tower", default=None,
+                        help="LLaVA only: folder of the CLIP tower its config names (offline machines, mirrors)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -37,7 +39,7 @@ def main(argv: list[str]) -> int:
     reference = None
     for source in args.model:
         print(f"loading {source} ...", file=sys.stderr, flush=True)
-        loaded = load(source, device=args.device)
+        loaded = load(source, device=args.device, vision_tower=args.vision_tower)
         print(f"[{loaded.kind}, {loaded.format}, {loaded.weight_bytes / 2**20:.1f} MiB] ", end="", flush=True)
         shown = ""
         for generation in stream(loaded, image, args.question, settings):
