@@ -56,12 +56,14 @@ def hf_awq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, int4
 
 
-def save_hf_awq(model: nn.Module, processor, out_dir, config: dict | None = None) -> Path:
+def save_hf_awq(model: nn.Module, processor, out_dir, config: dict | None = None, rename=None) -> Path:
     """`model` (Int4Linear layers) -> the transformers AWQ layout in out_dir. `config` overrides the
-    config dict written (default: the model's own)."""
+    config dict written (default: the model's own); `rename` maps tensor names for the file."""
     from .export import _write_folder
 
     tensors, int4 = hf_awq_tensors(model)
+    if rename is not None:
+        tensors = {rename(k): v for k, v in tensors.items()}
     groups = {m.group_size for m in int4.values()}
     if len(groups) != 1:
         raise ValueError(f"the INT4 layers use several group sizes {sorted(groups)}; the AWQ config holds one")

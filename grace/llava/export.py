@@ -5,9 +5,9 @@
   tower copy included), one `model.safetensors`, `awq_quantized_modules.json` listing the modules
   sorted as strings, and the QAT config plus `awq_packing`, `torch_dtype: float16`, no
   `quantization_config`. The tokenizer files are copied from the source.
-- `save_llava_hf_awq`: transformers' own LLaVA naming and config (`LlavaForConditionalGeneration`,
-  the processor saved beside it) with `quantization_config` (see grace/export_hf_awq.py), what vLLM
-  serves. As llava-hf does, the placeholder `<image>` gets a row in `lm_head` too (the mean row, so
+- `save_llava_hf_awq`: the llava-hf layout (`LlavaForConditionalGeneration` config, the llava-hf hub
+  tensor names `language_model.model.*` / `vision_tower.vision_model.*` / `multi_modal_projector.*`, the
+  processor saved beside it) with `quantization_config` (see grace/export_hf_awq.py), what vLLM serves. As llava-hf does, the placeholder `<image>` gets a row in `lm_head` too (the mean row, so
   it is never the likeliest token by construction of a zero row).
 """
 
@@ -108,6 +108,6 @@ def save_llava_hf_awq(loaded, out_dir) -> Path:
             padded.weight[head.out_features:] = head.weight.detach().cpu().mean(0)
         model.lm_head = padded
     try:
-        return save_hf_awq(model, loaded.processor, out_dir, config)
+        return save_hf_awq(model, loaded.processor, out_dir, config, rename=naming.hf_to_llava_hf_v4)
     finally:
         model.lm_head = head

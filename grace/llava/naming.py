@@ -17,11 +17,13 @@ ORIGINAL_TO_HF = (
     ("model.", "model.language_model."),
     ("lm_head.", "lm_head."),
 )
-# llava-hf checkpoints saved by transformers 4.x (`language_model.model.*`, `vision_tower.vision_model.*`).
+# llava-hf checkpoints as saved (`language_model.model.*`, `vision_tower.vision_model.*` by transformers 4,
+# `vision_tower.*` by transformers 5's save_pretrained, which writes the legacy names back).
 LLAVA_HF_V4_TO_HF = (
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
     ("vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
 )
 VISION_TOWER_COPY = "model.vision_tower.vision_tower."     # the tower the original loader never reads
@@ -57,3 +59,13 @@ def vision_tower_to_hf(name: str) -> str | None:
     if name.startswith(CLIP_VISION_PREFIX):
         return "model.vision_tower." + name[len(CLIP_VISION_PREFIX):]
     return None
+
+
+def hf_to_llava_hf_v4(name: str) -> str:
+    """transformers 5 name -> the llava-hf hub naming (transformers 4), which every serving engine reads."""
+    for new, old in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                     ("model.vision_tower.", "vision_tower.vision_model."),
+                     ("model.multi_modal_projector.", "multi_modal_projector.")):
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name

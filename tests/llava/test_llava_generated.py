@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import grace
 from grace.chat import build_inputs
@@ -109,7 +109,6 @@ def test_qat_release_loads_as_int4(qat_release):
 def test_awq_export_packs_like_autoawq_and_loads(qat_release, tmp_path):
     seed, model, processor, folder, tower, codes, scales = qat_release
     out = grace.export_awq(folder, tmp_path / "awq", vision_tower=tower)
-    from safetensors.torch import load_file
 
     tensors = load_file(out / "model.safetensors")
     spec = json.loads((out / "awq_quantized_modules.json").read_text())
@@ -136,6 +135,10 @@ def test_hf_awq_export_loads_back(qat_release, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llava" and config["architectures"] == ["LlavaForConditionalGeneration"]
     assert config["quantization_config"]["modules_to_not_convert"] == ["vision_tower", "multi_modal_projector"]
+    names = load_file(out / "model.safetensors").keys()                 # the llava-hf hub naming engines read
+    assert all(k.startswith(("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
+                             "multi_modal_projector.")) for k in names)
+    assert "language_model.model.layers.0.self_attn.q_proj.qweight" in names
     loaded = grace.load(out, device="cpu", dtype=torch.float32)          # no vision_tower needed: it is inside
     assert (loaded.kind, loaded.format) == ("int4", "llava-hf-awq")
     ref = reference_with(model, codes, scales, torch.float16, torch.float16)
