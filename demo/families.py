@@ -28,7 +28,17 @@ HUB_VARIANTS = [  # label, repo id, kind, shown by default
     ("GRACE W8G128", "ForeverBlue/Qwen3-VL-2B-GRACE-W8G128", "int8", True),
     ("GRACE W4G128-AWQ", "ForeverBlue/Qwen3-VL-2B-GRACE-W4G128-AWQ", "int4", True),
     ("Qwen3-VL-2B-Instruct (baseline)", "Qwen/Qwen3-VL-2B-Instruct", "bf16", False),
+    # the rival a user would pick instead: post-training quantized (no distillation), same base model
+    ("AutoRound W4A16 (PTQ)", "Vishva007/Qwen3-VL-2B-Instruct-W4A16-AutoRound-GPTQ", "int4", False),
 ]
+LLAVA_FAMILY = "GRACE LLaVA-1.5-7B (Hugging Face Hub)"
+LLAVA_VARIANTS = [  # label, repo id, kind, shown by default
+    ("GRACE W4G128 (QAT, as INT4)", "ForeverBlue/LLaVA-1.5-7B-GRACE-W4G128", "int4", True),
+    ("GRACE W4G128-AWQ", "ForeverBlue/LLaVA-1.5-7B-GRACE-W4G128-AWQ", "int4", True),
+    ("LLaVA-1.5-7B fp16 (reference)", "llava-hf/llava-1.5-7b-hf", "bf16", True),
+]
+# what the GRACE LLaVA releases load their vision tower from (their config's mm_vision_tower)
+LLAVA_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 ZOO_VARIANTS = [  # folder under assets/zoo, label, kind, shown by default
     ("grace-bf16", "GRACE BF16", "bf16", True),
     ("grace-w8g128", "GRACE W8G128", "int8", True),
@@ -187,6 +197,18 @@ def hub_family(mode: str) -> Family | None:
                   "The published GRACE releases of Qwen3-VL-2B (downloaded on first use).")
 
 
+def llava_family(mode: str) -> Family | None:
+    """The GRACE LLaVA-1.5-7B releases and the fp16 llava-hf reference, like `hub_family` (their CLIP tower too)."""
+    if mode == "off":
+        return None
+    needed = [repo for _, repo, _, default in LLAVA_VARIANTS if default] + [LLAVA_VISION_TOWER]
+    if mode == "auto" and not (all(hub_cached(repo) for repo in needed) or hub_reachable()):
+        return None
+    return Family(LLAVA_FAMILY, [Variant(*v) for v in LLAVA_VARIANTS],
+                  "GRACE's LLaVA-1.5-7B W4 releases (QAT and AWQ) next to the fp16 base model; the CLIP "
+                  f"vision tower comes from {LLAVA_VISION_TOWER} (downloaded on first use).")
+
+
 def operator_family(name: str, variants: dict[str, str]) -> Family:
     return Family(name, [Variant(label, source, detect_kind(source)) for label, source in variants.items()],
                   "Added by the operator.")
@@ -224,7 +246,7 @@ def build_registry(settings: Settings, on_gpu: bool = False) -> Registry:
     offline = zoo_family(settings.zoo_dir) or dev_family(settings.fixtures_dir)
     hub = hub_family(settings.hub)
     ordered = [hub, offline] if (hub and on_gpu) else [offline, hub]
-    for family in ordered:
+    for family in ordered + [llava_family(settings.hub)]:
         if family:
             registry.add(family)
     for name, variants in settings.families.items():

@@ -139,7 +139,8 @@ def test_hub_family_forced_on_lists_the_releases_and_baseline():
     assert [v.source for v in hub.variants if v.default] == [
         "ForeverBlue/Qwen3-VL-2B-GRACE-BF16", "ForeverBlue/Qwen3-VL-2B-GRACE-W8G128",
         "ForeverBlue/Qwen3-VL-2B-GRACE-W4G128-AWQ"]
-    assert [v.source for v in hub.variants if not v.default] == ["Qwen/Qwen3-VL-2B-Instruct"]
+    assert [v.source for v in hub.variants if not v.default] == [
+        "Qwen/Qwen3-VL-2B-Instruct", "Vishva007/Qwen3-VL-2B-Instruct-W4A16-AutoRound-GPTQ"]
     assert families.hub_family("off") is None
 
 
