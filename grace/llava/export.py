@@ -111,3 +111,29 @@ def save_llava_hf_awq(loaded, out_dir) -> Path:
         return save_hf_awq(model, loaded.processor, out_dir, config, rename=naming.hf_to_llava_hf_v4)
     finally:
         model.lm_head = head
+
+
+def save_llava_qat_release(model, processor, out_dir, qat_config, tokenizer_files: list[Path] | None = None) -> Path:
+    """A LLaVA model under QAT (`grace.distill.apply_qat`) -> the GRACE LLaVA QAT release layout (`-W4G128`):
+    original names, the grid weights W_dq stored bf16 (the vision-tower copy too, as DeepSpeed saved it),
+    the sidecar `qat_quantized_weights.bin` (`<module>.weight`, `<module>.log_scale` under original names)
+    and the original config plus `qat` (with the original codebase's skip keywords)."""
+    from ..distill.fake_quant import fake_quant_modules, qat_state_dict
+    from ..layout import QAT_SIDECAR
+    from .tiny import original_tensors
+
+    quantized = fake_quant_modules(model)
+    if not quantized:
+        raise ValueError("no fake-quantized linears in the model: apply_qat first")
+    sidecar = {naming.to_original(k): v for k, v in qat_state_dict(model).items()}
+    tensors = {k: v for k, v in original_tensors(model).items() if not k.endswith(".log_scale")}
+    for key, value in sidecar.items():
+        if key.endswith(".weight"):
+            tensors[key] = value.clone()
+    config = original_config(model.config)
+    config["qat"] = {"bits": int(qat_config.bits), "group_size": int(qat_config.group_size), "learn_scales": True,
+                     "num_replaced": len(quantized),
+                     "skip_keywords": ["mm_projector", "vision_tower", "vision_resampler", "lm_head", "embed_tokens"]}
+    files = tokenizer_files or [f for f in (Path(processor.tokenizer.vocab_file).parent / n for n in TOKENIZER_FILES)
+                                if f.is_file()]
+    return _write_folder(out_dir, model, _CopyFiles(files), tensors, dict(sorted(config.items())), {QAT_SIDECAR: sidecar})

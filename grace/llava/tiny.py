@@ -181,3 +181,21 @@ def save_original(model, processor, folder: str | Path, tensors: dict | None = N
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}),
                                                    encoding="utf-8")
     return folder
+
+
+def save_tiny_llava_pair(root: str | Path, teacher_cfg: TinyLlavaConfig, student_cfg: TinyLlavaConfig,
+                         seed: int = 0) -> tuple[Path, Path, Path]:
+    """A teacher and a student LLaVA-1.5 of any (language model) sizes that can be distilled into each
+    other, as LLaVA-1.5-13B -> 7B: one tokenizer, one CLIP tower. Returns (teacher, student, tower) folders."""
+    root = Path(root)
+    vision = ("vision_hidden", "vision_layers", "vision_heads", "vision_intermediate", "image_size", "patch_size",
+              "vocab_size")
+    if any(getattr(teacher_cfg, k) != getattr(student_cfg, k) for k in vision):
+        raise ValueError(f"teacher and student must share the vision tower and vocabulary ({', '.join(vision)})")
+    teacher, processor = tiny_llava(seed, teacher_cfg, workdir=root / "teacher")
+    student, student_processor = tiny_llava(seed + 1, student_cfg, workdir=root / "student")
+    tower = {k: v for k, v in teacher.state_dict().items() if k.startswith("model.vision_tower.")}
+    student.load_state_dict(tower, strict=False)
+    save_original(teacher, processor, root / "teacher")
+    save_original(student, student_processor, root / "student")
+    return root / "teacher", root / "student", save_tower(teacher, root / "clip")

@@ -1,0 +1,105 @@
+"""What GRACE training needs to know about a LLaVA-1.5 student / teacher.
+
+- which linears QAT quantizes: the language model's (the original release skips mm_projector,
+  vision_tower, lm_head and embed_tokens), and which parameters stay frozen (the CLIP tower);
+- how many placeholder tokens each image takes (fixed: one per patch, CLS dropped), for R-CKA over
+  the image tokens;
+- `LlavaCollator`: conversations -> input ids (BOS once, each `<image>` expanded), answer-only labels
+  (each ASSISTANT answer through its `</s>`), pixel values; the same contract as the Qwen3-VL collator.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100
+QAT_SKIP_KEYWORDS = ("vision_tower", "multi_modal_projector", "lm_head", "embed_tokens")
+VISION_KEYWORD = "vision_tower"
+
+
+def is_llava_model(model) -> bool:
+    return getattr(model.config, "model_type", None) == "llava"
+
+
+def tokens_per_image(config) -> int:
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches if config.vision_feature_select_strategy == "default" else patches + 1
+
+
+def image_grid(config, num_images: int) -> torch.Tensor:
+    """Per-image token counts in the `image_grid_thw` form R-CKA reads with merge_size 1: [[1, n, 1], ...]."""
+    return torch.tensor([[1, tokens_per_image(config), 1]] * num_images, dtype=torch.long)
+
+
+class LlavaCollator:
+    """Records ({"conversations": [...], "image": PIL or None}) -> a padded batch for a LLaVA model."""
+
+    def __init__(self, processor, max_length: int | None = None):
+        from ..data.conversations import build_messages
+
+        self.build_messages = build_messages
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token = processor.image_token
+        self.image_token_id = processor.image_token_id
+        self.end_of_turn_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.max_length = max_length
+
+    def _tokens(self, text: str, image_tokens: int) -> list[int]:
+        return self.tokenizer(text.replace(self.image_token, self.image_token * image_tokens))["input_ids"]
+
+    def encode(self, record: dict) -> dict:
+        from ..data.conversations import DataError
+
+        messages = self.build_messages(record)
+        image = record.get("image")
+        encoded, image_tokens = {}, 0
+        if image is not None:
+            if not isinstance(image, Image.Image):
+                raise DataError(f"sample {record.get('id')!r}: 'image' must be a PIL image here")
+            encoded["pixel_values"] = self.processor.image_processor(images=[image.convert("RGB")],
+                                                                     return_tensors="pt")["pixel_values"]
+            height, width = encoded["pixel_values"].shape[-2:]
+            image_tokens = (height // self.processor.patch_size) * (width // self.processor.patch_size) \
+                + self.processor.num_additional_image_tokens - (self.processor.vision_feature_select_strategy == "default")
+        render = self.processor.apply_chat_template
+        full_text = render(messages, tokenize=False)
+        input_ids = self._tokens(full_text, image_tokens)
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = render(messages[:k], tokenize=False, add_generation_prompt=True)
+            through = render(messages[:k + 1], tokenize=False)
+            start, end = len(self._tokens(prompt, image_tokens)), len(self._tokens(through, image_tokens))
+            if not (full_text.startswith(through) and input_ids[:end] == self._tokens(through, image_tokens)
+                    and input_ids[:start] == self._tokens(prompt, image_tokens)):
+                raise DataError(f"sample {record.get('id')!r}: turn {k} does not tokenize as a prefix of the whole "
+                                "conversation, so its answer tokens cannot be located")
+            labels[start:end] = input_ids[start:end]
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            if self.image_token_id in input_ids[self.max_length:]:
+                raise DataError(f"sample {record.get('id')!r}: its image does not fit in max_length={self.max_length}")
+            input_ids, labels = input_ids[:self.max_length], labels[:self.max_length]
+        encoded["input_ids"] = torch.tensor(input_ids, dtype=torch.long)
+        encoded["labels"] = torch.tensor(labels, dtype=torch.long)
+        return encoded
+
+    def __call__(self, records: list[dict]) -> dict:
+        encoded = [self.encode(r) for r in records]
+        length = max(len(e["input_ids"]) for e in encoded)
+        batch = {"input_ids": torch.full((len(encoded), length), self.pad_id, dtype=torch.long),
+                 "attention_mask": torch.zeros((len(encoded), length), dtype=torch.long),
+                 "labels": torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)}
+        for row, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            batch["input_ids"][row, :n] = e["input_ids"]
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = e["labels"]
+        with_image = [e for e in encoded if "pixel_values" in e]
+        if with_image:
+            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_image])
+        return batch
