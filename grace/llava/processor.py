@@ -24,6 +24,9 @@ from .config import IMAGE_TOKEN
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 # conv_vicuna_v1 (sep_style TWO): "SYSTEM USER: text ASSISTANT: answer</s>USER: ..."; a trailing "ASSISTANT:" to answer.
+# Text that spells a control token ("<image>", "<s>", "</s>") gets a space inside it, so what a user
+# types is never read as an image placeholder or a turn boundary.
+_SAFE = "| replace('<image>', '< image>') | replace('</s>', '< /s>') | replace('<s>', '< s>')"
 VICUNA_V1_TEMPLATE = (
     "{% set ns = namespace(system='" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "') %}"
     "{% for message in messages %}{% if message['role'] == 'system' %}"
@@ -32,9 +35,9 @@ VICUNA_V1_TEMPLATE = (
     "{% endif %}{% endfor %}{{ ns.system }}"
     "{% for message in messages %}{% if message['role'] != 'system' %}"
     "{{ ' USER: ' if message['role'] == 'user' else ' ASSISTANT: ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% if message['content'] is string %}{{ message['content'] " + _SAFE + " }}{% else %}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] " + _SAFE + " }}{% endif %}{% endfor %}"
     "{% endif %}{% if message['role'] == 'assistant' %}</s>{% endif %}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
