@@ -23,7 +23,7 @@ from .config import IMAGE_TOKEN
 
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-# conv_vicuna_v1 (sep_style TWO): "SYSTEM USER: text ASSISTANT: answer</s>USER: ..."; a trailing "ASSISTANT:" to answer.
+# conv_vicuna_v1 (sep_style TWO, seps " " and "</s>"): "SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:".
 # Text that spells a control token ("<image>", "<s>", "</s>") gets a space inside it, so what a user
 # types is never read as an image placeholder or a turn boundary.
 _SAFE = "| replace('<image>', '< image>') | replace('</s>', '< /s>') | replace('<s>', '< s>')"
@@ -32,14 +32,14 @@ VICUNA_V1_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}"
     "{% set ns.system = message['content'] if message['content'] is string else "
     "message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') %}"
-    "{% endif %}{% endfor %}{{ ns.system }}"
+    "{% endif %}{% endfor %}{{ ns.system }} "
     "{% for message in messages %}{% if message['role'] != 'system' %}"
-    "{{ ' USER: ' if message['role'] == 'user' else ' ASSISTANT: ' }}"
+    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
     "{% if message['content'] is string %}{{ message['content'] " + _SAFE + " }}{% else %}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] " + _SAFE + " }}{% endif %}{% endfor %}"
-    "{% endif %}{% if message['role'] == 'assistant' %}</s>{% endif %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    "{% endif %}{{ '</s>' if message['role'] == 'assistant' else ' ' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
 

@@ -31,7 +31,7 @@ def test_multi_turn_and_system_prompt(loaded):
                 {"role": "assistant", "content": "A square."},
                 {"role": "user", "content": [{"type": "text", "text": "Colour?"}]}]
     text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert text == "Be brief. USER: <image>\nWhat is it? ASSISTANT: A square.</s> USER: Colour? ASSISTANT:"
+    assert text == "Be brief. USER: <image>\nWhat is it? ASSISTANT: A square.</s>USER: Colour? ASSISTANT:"
     plain = loaded.processor.apply_chat_template(build_messages("Hi", with_image=False), add_generation_prompt=True)
     assert plain == VICUNA_V1_SYSTEM + " USER: Hi ASSISTANT:"
 
