@@ -103,3 +103,18 @@ def test_chat_answers_with_the_vicuna_prompt(fixtures_dir, clip_tiny):
     assert result.prompt_tokens == expected["input_ids_hf"].shape[1]
     text_only = answer(loaded, None, "Hello", GenerationSettings(max_new_tokens=3))
     assert text_only.done and len(text_only.token_ids) <= 3
+
+
+def test_qat_release_without_its_sidecar_infers_the_grid(fixtures_dir, clip_tiny, tmp_path):
+    """Without qat_quantized_weights.bin the steps come from the bf16 grid itself; only the LM linears are INT4."""
+    from conftest import copy_fixture
+
+    folder = copy_fixture(fixtures_dir, "llava-tiny-grace-w4g128-qat", tmp_path)
+    (folder / "qat_quantized_weights.bin").unlink()
+    loaded = grace.load(folder, device="cpu", dtype=torch.float32, vision_tower=clip_tiny)
+    names = loaded.quantized_modules
+    assert len(names) == 14 and all(n.startswith("model.language_model.layers.") for n in names)
+    inputs, expected = reference(folder, loaded.processor)
+    with torch.no_grad():
+        diff = (loaded.model(**inputs).logits[0] - expected["logits"]).abs().max().item()
+    assert diff < 0.5      # the bf16 grid as stored is 0.17 away; the codes are recovered from it exactly
