@@ -70,8 +70,8 @@ def detect(folder: Path, config: dict) -> Layout:
         if is_gptq(quant):
             return detect_gptq(folder, quant)
         if method != "awq":
-            raise GraceLoadError(f"{folder}: quantization method '{method}' is not supported (AWQ GEMM and the "
-                                 "GRACE layouts are)")
+            raise GraceLoadError(f"{folder}: quantization method '{method}' is not supported (AWQ GEMM, 4-bit GPTQ / "
+                                 "AutoRound and the GRACE layouts are)")
         version = str(quant.get("version", "gemm")).lower()
         if version != "gemm" or int(quant.get("bits", 4)) != 4:
             raise GraceLoadError(f"{folder}: AWQ version '{version}' with {quant.get('bits')} bits is not "
