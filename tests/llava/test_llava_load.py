@@ -118,3 +118,27 @@ def test_qat_release_without_its_sidecar_infers_the_grid(fixtures_dir, clip_tiny
     with torch.no_grad():
         diff = (loaded.model(**inputs).logits[0] - expected["logits"]).abs().max().item()
     assert diff < 0.5      # the bf16 grid as stored is 0.17 away; the codes are recovered from it exactly
+
+
+def test_awq_release_sharded_and_named_llava(fixtures_dir, clip_tiny, tmp_path):
+    """The AWQ release as the model card lists it (shards + index), with model_type "llava" as liuhaotian's is."""
+    from safetensors.torch import save_file
+
+    from conftest import copy_fixture
+
+    folder = copy_fixture(fixtures_dir, "llava-tiny-grace-w4g128-awq", tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for shard, names in shards.items():
+        save_file({k: tensors[k] for k in names}, str(folder / shard), metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, names in shards.items() for k in names}}))
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "llava"
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = grace.load(folder, device="cpu", dtype=torch.float32, vision_tower=clip_tiny)
+    inputs, expected = reference(folder, loaded.processor)
+    with torch.no_grad():
+        assert (loaded.model(**inputs).logits[0] - expected["logits"]).abs().max().item() < 1e-3
