@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import grace
 from grace.chat import GenerationSettings, answer
-from grace.evaluate import EvalItem
+from grace.evaluation import EvalItem, build_prompt
 
 
 def test_cli_chat_answers_the_greedy_reference(fixtures_dir, tmp_path):
@@ -31,9 +31,10 @@ def test_evaluate_scores_a_llava_model(fixtures_dir, monkeypatch):
     folder = fixtures_dir / "llava-tiny-grace-w4g128-qat"
     loaded = grace.load(folder, device="cpu")      # as evaluate loads it (bf16 activations)
     image = Image.open(folder / "image.png")
-    reference = answer(loaded, image, "Describe this image.", GenerationSettings(max_new_tokens=8))
+    probe = EvalItem("Describe this image.", "", image=image, kind="open")
+    reference = answer(loaded, image, build_prompt(probe), GenerationSettings(max_new_tokens=8))
     assert reference.text
-    items = [EvalItem("Describe this image.", reference.text, "describe", image),
-             EvalItem("Describe this image.", "certainly not this", "describe", image)]
-    result = grace.evaluate(str(folder), items, max_new_tokens=8, device="cpu")   # loaded by path, tower from the env
+    items = [EvalItem("Describe this image.", reference.text, "describe", image, kind="open"),
+             EvalItem("Describe this image.", "certainly not this", "describe", image, kind="open")]
+    result = grace.evaluate(str(folder), items, max_new_tokens=8, device="cpu", progress=False)   # tower from the env
     assert result.n == 2 and result.accuracy == 0.5
