@@ -12,7 +12,9 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import GraceLoadError
 
-SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
+# model_type -> the transformers class grace builds for it
+ARCHITECTURES = {"qwen3_vl": "Qwen3VLForConditionalGeneration"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 def read_json(path: Path) -> dict:
@@ -42,8 +44,7 @@ def safetensors_files(folder: Path) -> list[Path]:
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         files = [folder / s for s in shards]
     else:
-        files = sorted(folder.glob("*.safetensors"))
-        files = [f for f in files if not f.name.startswith("expected")] or files
+        files = [f for f in sorted(folder.glob("*.safetensors")) if not f.name.startswith("expected")]
         if (folder / "model.safetensors").is_file():
             files = [folder / "model.safetensors"]
     missing = [f.name for f in files if not f.is_file()]

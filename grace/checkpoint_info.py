@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import hub
-from .checkpoint_files import read_config, tensor_headers
+from .checkpoint_files import ARCHITECTURES, read_config, tensor_headers
 from .errors import GraceLoadError
 from .formats import FormatInfo, detect_format
 from .quant.quantize import name_matches
@@ -29,7 +29,7 @@ class CheckpointInfo:
     bits: int                       # 16 for plain weights
     group_size: int | None          # input columns per scale; None for plain weights
     quantized_modules: int | None   # how many linears are quantized; None where that needs the weights
-    architecture: str               # config.architectures[0], else the model_type
+    architecture: str               # the transformers class it loads as, e.g. Qwen3VLForConditionalGeneration
     model_type: str
 
 
@@ -44,9 +44,8 @@ def inspect(source: str | os.PathLike, *, revision: str | None = None) -> Checkp
     count = info.count
     if count is None:
         count = _count_from_tensors(info, _tensor_headers(folder, str(source), revision, remote))
-    architectures = config.get("architectures") or [config.get("model_type")]
     return CheckpointInfo(str(source), folder, info.format, info.kind, info.bits, info.group_size, count,
-                          str(architectures[0]), str(config.get("model_type")))
+                          ARCHITECTURES[config["model_type"]], config["model_type"])
 
 
 def _tensor_headers(folder: Path, repo_id: str, revision: str | None, remote: bool) -> dict[str, dict] | None:
@@ -75,4 +74,4 @@ def _count_from_tensors(info: FormatInfo, headers: dict[str, dict] | None) -> in
         if any(h["shape"] is None for h in weights.values()):
             return None
         return sum(len(h["shape"]) == 2 and not name_matches(n, info.skip) for n, h in weights.items())
-    return 0
+    return None   # a format whose `describe` does not count its modules
