@@ -9,6 +9,8 @@ accepts the folder wins (see the README, "Checkpoint formats"). An entry has
   place      (model, info, tensors, folder, device, dtype) -> None: swaps the quantized linears of
              the empty model for Int4Linear / Int8Linear built from (and popping) their tensors;
              None when the weights are plain. `grace.load` then places every remaining tensor.
+  stores_plain_weights  the quantized linears' weights are also stored as plain (grid) tensors, so
+             `grace.load(..., packed=False)` can skip `place` and hold them as stored (QAT releases)
 Adding a format is one entry here.
 """
 
@@ -53,6 +55,7 @@ class CheckpointFormat:
     recognise: Callable[[Path, dict], bool]
     describe: Callable[[Path, dict], FormatInfo]
     place: Callable[..., None] | None
+    stores_plain_weights: bool = False
 
 
 # -- describing (JSON only) ----------------------------------------------------------------------------
@@ -198,7 +201,8 @@ FORMATS: list[CheckpointFormat] = [
     CheckpointFormat("hf-awq", lambda folder, config: _quant_method(config) == "awq", _hf_awq, place_awq),
     CheckpointFormat("grace-int8", lambda folder, config: (folder / INT8_MODULES_FILE).is_file()
                      or "int8_packing" in config, _grace_int8, place_int8),
-    CheckpointFormat("grace-qat", lambda folder, config: "qat" in config, _grace_qat, place_qat),
+    CheckpointFormat("grace-qat", lambda folder, config: "qat" in config, _grace_qat, place_qat,
+                     stores_plain_weights=True),
     CheckpointFormat("plain", lambda folder, config: not config.get("quantization_config"), _plain, None),
 ]
 

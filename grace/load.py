@@ -45,8 +45,8 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        """"int4" / "int8" from the quantized modules held ("mixed" for both); with none, what the
-        checkpoint's weights mean ("bf16", or a QAT release held unpacked: its grid's "int4" / "int8")."""
+        """int4 / int8 from the quantized modules held (mixed for both); with none, what the
+        checkpoint's weights mean: bf16, or the grid's int4 / int8 of a QAT release held unpacked."""
         bits = {m.bits for m in self.model.modules() if isinstance(m, QuantizedLinear)}
         if not bits:
             return self.checkpoint_kind
@@ -107,8 +107,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     with _BUILD_LOCK:
         with init_empty_weights(include_buffers=False):
             model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
-        # only a QAT release can be held unpacked: the other quantized formats have no plain weights
-        if fmt.place is not None and (packed or fmt.name != "grace-qat"):
+        if fmt.place is not None and (packed or not fmt.stores_plain_weights):
             fmt.place(model, info, tensors, folder, device, dtype)
         _load_plain(model, tensors, folder, device, dtype)
     model.eval()
