@@ -80,6 +80,8 @@ def read_safetensors_header(file: Path) -> dict[str, dict]:
             if length > MAX_HEADER_BYTES:
                 raise ValueError(f"header length {length}")
             header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as err:
         raise GraceLoadError(f"{file} is not a readable safetensors file ({err})") from None
     header.pop("__metadata__", None)

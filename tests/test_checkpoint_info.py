@@ -124,3 +124,14 @@ def test_inspect_is_public_and_eval_is_not_exported():
     namespace = {}
     exec("from grace import *", namespace)
     assert "eval" not in namespace                     # the builtin is not shadowed
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x08\x00\x00\x00\x00\x00\x00\x00[1, 2]  ", b"\xff" * 8 + b"{}"])
+def test_inspect_a_damaged_header_says_which_file(fixtures_dir, tmp_path, damage):
+    """hf-awq counts its packed tensors from the headers: a header it cannot read is a plain error."""
+    folder = tmp_path / "hf-awq"
+    shutil.copytree(fixtures_dir / "qwen3vl-tiny-hf-awq", folder)
+    (folder / "model.safetensors").chmod(0o644)
+    (folder / "model.safetensors").write_bytes(damage)
+    with pytest.raises(grace.GraceLoadError, match="model.safetensors is not a readable safetensors file"):
+        grace.inspect(folder)
