@@ -1,5 +1,5 @@
 """Shared helpers for the bench/ scripts: machine info, interleaved timing, tables, results files,
-and a minimal round-to-nearest quantizer for building INT8/INT4 models from random weights.
+and how the benchmarks build INT8/INT4 models (`grace.quantize_` with `bench_config(bits)`).
 
 Timing protocol (the machine these run on is usually shared and noisy):
   * before each round we wait (bounded) until other processes leave the CPUs idle, measure how
@@ -34,10 +34,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-
-# The language model's decoder linears: the ones GRACE releases quantize.
-DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 # -- machine ---------------------------------------------------------------------------------------
 
@@ -266,77 +262,46 @@ def write_results(name: str, payload: dict, out: Path | None = None) -> Path:
 
 # -- quantized modules -------------------------------------------------------------------------------
 
+def bench_config(bits: int):
+    """How the benchmarks quantize a model with `grace.quantize_`: int4 round-to-nearest with per-group
+    zero points from each group's min/max (the transformers AWQ convention), int8 symmetric absmax."""
+    from grace.quant import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    return Int4WeightOnlyConfig(symmetric=False) if bits == 4 else Int8WeightOnlyConfig()
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """What `grace.quantize_` targets by default: on Qwen3-VL, the language model's decoder linears
+    (q/k/v/o/gate/up/down; not visual, merger, lm_head or embeddings)."""
+    from grace.quant import target_linears
+
+    return target_linears(model)
+
+
 def random_int4(in_features: int, out_features: int, group_size: int = 128, dtype=torch.bfloat16,
                 seed: int = 0, bias: bool = False):
     """Int4Linear with uniformly random codes, zero points in [0, 15] and scales ~ a bf16 weight's (0.02 std)."""
-    from grace.quant.int4 import Int4Linear
+    from grace.quant import Int4Linear
 
     g = torch.Generator().manual_seed(seed)
     groups = in_features // group_size
     codes = torch.randint(0, 16, (out_features, in_features), generator=g, dtype=torch.uint8)
     scales = (0.5 + torch.rand(out_features, groups, generator=g)) * 0.006
     zeros = torch.randint(0, 16, (out_features, groups), generator=g).float()
-    return Int4Linear(in_features, out_features, bias, group_size, dtype).set_codes(codes, scales, zeros)
+    return Int4Linear.from_codes(codes, scales, zeros, bias=torch.zeros(out_features) if bias else None,
+                                 group_size=group_size, dtype=dtype)
 
 
 def random_int8(in_features: int, out_features: int, group_size: int = 128, dtype=torch.bfloat16,
                 seed: int = 0, bias: bool = False):
     """Int8Linear with uniformly random codes in [-128, 127] and scales ~ a bf16 weight's."""
-    from grace.quant.int8 import Int8Linear
+    from grace.quant import Int8Linear
 
     g = torch.Generator().manual_seed(seed)
     groups = in_features // group_size
     codes = torch.randint(-128, 128, (out_features, in_features), generator=g, dtype=torch.int16)
     scales = (0.5 + torch.rand(out_features, groups, generator=g)) * 0.0005
-    return Int8Linear(in_features, out_features, bias, group_size, dtype).set_codes(codes, scales)
-
-
-def decoder_linear_names(model: nn.Module) -> list[str]:
-    """Names of the language model's decoder linears (q/k/v/o/gate/up/down); not visual, merger,
-    lm_head or embeddings."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and ".language_model.layers." in f".{n}"
-            and n.rsplit(".", 1)[-1] in DECODER_LINEARS]
-
-
-def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-@torch.no_grad()
-def quantize_rtn_(model: nn.Module, bits: int, group_size: int = 128, names: list[str] | None = None) -> list[str]:
-    """Replace linears in place by Int4Linear / Int8Linear holding the round-to-nearest quantization of
-    their current weights (int4: asymmetric min/max per group; int8: symmetric absmax per group).
-    Default `names`: the decoder linears. Returns the names replaced.
-
-    Minimal on purpose (no calibration, no clipping search): it exists so the benchmarks can build
-    INT8/INT4 models from random weights. Slated to move into the library as `grace.quantize_`."""
-    from grace.quant.int4 import Int4Linear
-    from grace.quant.int8 import Int8Linear
-
-    names = decoder_linear_names(model) if names is None else names
-    for name in names:
-        linear = model.get_submodule(name)
-        out_f, in_f = linear.weight.shape
-        dtype, device = linear.weight.dtype, linear.weight.device
-        w = linear.weight.float().reshape(out_f, in_f // group_size, group_size)
-        if bits == 4:
-            lo = w.amin(-1).clamp(max=0)
-            hi = w.amax(-1).clamp(min=0)
-            scales = ((hi - lo) / 15).clamp_min(1e-8)
-            zeros = torch.round(-lo / scales).clamp(0, 15)
-            codes = torch.round(w / scales.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, 15)
-            module = Int4Linear(in_f, out_f, linear.bias is not None, group_size, dtype, device)
-            module.set_codes(codes.to(torch.uint8).reshape(out_f, in_f), scales, zeros)
-        elif bits == 8:
-            scales = (w.abs().amax(-1) / 127).clamp_min(1e-8)
-            codes = torch.round(w / scales.unsqueeze(-1)).clamp(-128, 127)
-            module = Int8Linear(in_f, out_f, linear.bias is not None, group_size, dtype, device)
-            module.set_codes(codes.to(torch.int8).reshape(out_f, in_f), scales)
-        else:
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if linear.bias is not None:
-            module.bias.data = linear.bias.data.to(dtype)
-        swap_module(model, name, module)
-    return names
+    return Int8Linear.from_codes(codes, scales, bias=torch.zeros(out_features) if bias else None,
+                                 group_size=group_size, dtype=dtype)

@@ -4,7 +4,7 @@
 
 The model is `qwen3vl_2b_config(num_hidden_layers=4)` with random weights in bf16; the INT8/INT4
 variants replace its 28 (4 layers × 7) decoder linears by Int8Linear/Int4Linear holding the
-round-to-nearest quantization of the same random weights (bench/_util.quantize_rtn_). Everything
+round-to-nearest quantization of the same random weights (grace.quantize_, bench/_util.bench_config). Everything
 else (the full 151 936-token embedding = tied lm_head, final norm, the unused vision tower) is the
 same tensors, shared between the three models.
 
@@ -33,6 +33,7 @@ import _util as U  # noqa: E402
 import torch  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen3VLForConditionalGeneration  # noqa: E402
 
+import grace  # noqa: E402
 from grace.load import tensor_bytes  # noqa: E402
 from grace.tiny import qwen3vl_2b_config  # noqa: E402
 
@@ -63,7 +64,7 @@ def build(layers: int, seed: int) -> dict:
     models = {"bf16": base}
     for bits, name in ((8, "int8"), (4, "int4")):
         model = copy.deepcopy(base, memo=dict(keep_shared))
-        U.quantize_rtn_(model, bits)
+        grace.quantize_(model, U.bench_config(bits))
         models[name] = model
     for model in models.values():
         gc = model.generation_config

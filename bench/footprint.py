@@ -4,8 +4,9 @@
 
 Nothing is downloaded or allocated: the model is built from `grace.tiny.qwen3vl_2b_config()` under
 `init_empty_weights`, and for INT8/INT4 the language model's decoder linears (q/k/v/o/gate/up/down;
-not the vision tower, its mergers, lm_head or embed_tokens) are swapped for `Int8Linear` /
-`Int4Linear` instantiated on the meta device, so the bytes are what those modules hold
+not the vision tower, its mergers, lm_head or embed_tokens) are quantized by `grace.quantize_`
+(as every benchmark does, `bench/_util.bench_config`) on the meta device, so the bytes are what
+those `Int8Linear` / `Int4Linear` modules hold
 (`grace.load.tensor_bytes`: parameters and buffers, shared tensors once, tied embeddings once).
 The module bytes are cross-checked against the formulas (int4: out*in/2 + 4*out*in/128; int8:
 out*in + 2*out*in/128) and against real CPU modules of the same shapes (whose int4 layout is the
@@ -26,9 +27,9 @@ import torch  # noqa: E402
 from accelerate import init_empty_weights  # noqa: E402
 from transformers import Qwen3VLForConditionalGeneration  # noqa: E402
 
+import grace  # noqa: E402
 from grace.load import tensor_bytes  # noqa: E402
-from grace.quant.int4 import Int4Linear  # noqa: E402
-from grace.quant.int8 import Int8Linear  # noqa: E402
+from grace.quant import Int4Linear, Int8Linear  # noqa: E402
 from grace.tiny import qwen3vl_2b_config  # noqa: E402
 
 GROUP = 128
@@ -43,14 +44,9 @@ def build(kind: str, layers: int):
     # build or `with torch.device("meta")` ties it); the 2B release ties it, so tie it here
     model.tie_weights()
     assert model.lm_head.weight is model.get_input_embeddings().weight, "lm_head not tied to embed_tokens"
-    names = U.decoder_linear_names(model)
-    if kind != "bf16":
-        cls = Int4Linear if kind == "int4" else Int8Linear
-        for name in names:
-            lin = model.get_submodule(name)
-            U.swap_module(model, name, cls(lin.in_features, lin.out_features, lin.bias is not None, GROUP,
-                                           torch.bfloat16, "meta"))
-    return model, names
+    if kind == "bf16":
+        return model, U.decoder_linear_names(model)
+    return model, grace.quantize_(model, U.bench_config(int(kind[3:])))   # on the meta device: shapes only
 
 
 def formula(kind: str, out_f: int, in_f: int) -> int:

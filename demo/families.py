@@ -134,9 +134,9 @@ def detect_kind(source: str, fallback: str = "bf16") -> str:
     folder = Path(source)
     if folder.is_dir():
         try:
-            from grace.layout import detect, read_config
+            import grace
 
-            return detect(folder, read_config(folder)).kind
+            return grace.inspect(folder).kind
         except Exception as err:  # a broken folder still gets listed; loading it will say what is wrong
             log.warning("could not read the layout of %s: %s", folder, err)
     name = source.lower()

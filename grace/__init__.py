@@ -1,7 +1,8 @@
 """GRACE: Gated Relational Alignment via Confidence-based Distillation, for Qwen3-VL.
 
     import grace
-    loaded = grace.load("ForeverBlue/Qwen3-VL-2B-GRACE-W4G128-AWQ")      # any release layout
+    grace.inspect("ForeverBlue/Qwen3-VL-2B-GRACE-W4G128-AWQ")            # format, kind, bits: no weights read
+    loaded = grace.load("ForeverBlue/Qwen3-VL-2B-GRACE-W4G128-AWQ")      # any release format
     grace.export_awq("path/to/Qwen3-VL-2B-GRACE-W4G128", "out/awq")      # QAT W4 -> AWQ INT4
     grace.quantize_(model, grace.Int4WeightOnlyConfig())                   # round-to-nearest baseline
     grace.train(grace.TrainConfig(teacher=..., student=..., bits=4, steps=1000, out="runs/w4"))
@@ -9,13 +10,15 @@
 """
 
 from .errors import GraceLoadError
+from .checkpoint_info import CheckpointInfo, inspect
 from .export import export_awq, export_int8, save_packed, save_plain, save_qat_release
 from .load import LoadedModel, load
 from .quant import Int4Linear, Int4WeightOnlyConfig, Int8Linear, Int8WeightOnlyConfig, quantize_
 from .trainer import TrainConfig, TrainResult, train
 from .evaluation import EvalResult, evaluate
 
-__all__ = ["GraceLoadError", "LoadedModel", "load", "export_awq", "export_int8", "save_packed", "save_plain",
-           "save_qat_release", "quantize_", "Int4Linear", "Int8Linear", "Int4WeightOnlyConfig",
-           "Int8WeightOnlyConfig", "TrainConfig", "TrainResult", "train", "EvalResult", "evaluate"]
+__all__ = ["GraceLoadError", "CheckpointInfo", "inspect", "LoadedModel", "load", "export_awq", "export_int8",
+           "save_packed", "save_plain", "save_qat_release", "quantize_", "Int4Linear", "Int8Linear",
+           "Int4WeightOnlyConfig", "Int8WeightOnlyConfig", "TrainConfig", "TrainResult", "train", "EvalResult",
+           "evaluate"]
 __version__ = "0.1.0"

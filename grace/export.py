@@ -1,11 +1,11 @@
-"""Writing checkpoints in the GRACE release layouts.
+"""Writing checkpoints in the GRACE release formats.
 
 - `save_plain`: a plain transformers checkpoint (bf16).
 - `save_qat_release`: a model under QAT (fake-quantized linears) -> the GRACE QAT release
   (`-W4G128` / `-W8G128`): grid weights stored bf16, `config.qat`, sidecar `qat_quantized_weights.bin`.
 - `export_awq`: a GRACE QAT W4 release (or any INT4 model) -> the GRACE `-AWQ` release: AutoAWQ
   GEMM tensors for the quantized linears, `awq_quantized_modules.json`, `config.awq_packing`.
-- `export_int8`: a GRACE QAT W8 release (or any INT8 model) -> this project's packed INT8 layout:
+- `export_int8`: a GRACE QAT W8 release (or any INT8 model) -> this project's packed INT8 format:
   `<module>.qweight` int8 [out, in] and `<module>.scales` fp32 [out, in/group] (W = q * s),
   `int8_quantized_modules.json` and `config.int8_packing`.
 None of them writes `quantization_config`, so transformers never tries its own quantizers on them.
@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import GraceLoadError
-from .layout import AWQ_MODULES_FILE, INT8_MODULES_FILE, QAT_SIDECAR
+from .formats import AWQ_MODULES_FILE, INT8_MODULES_FILE, QAT_SIDECAR
 from .quant import awq_pack
+from .quant.primitives import zero_points_from_offsets
 from .quant.int4 import Int4Linear
 from .quant.int8 import Int8Linear
 
@@ -86,7 +87,7 @@ def save_plain(model: nn.Module, processor, out_dir) -> Path:
 
 
 def save_qat_release(model: nn.Module, processor, out_dir, qat_config) -> Path:
-    """A model whose linears are fake-quantized (`grace.distill.apply_qat`) -> the GRACE QAT release layout."""
+    """A model whose linears are fake-quantized (`grace.distill.apply_qat`) -> the GRACE QAT release format."""
     quantized = {n: m for n, m in model.named_modules() if hasattr(m, "log_scale") and hasattr(m, "quantized_weight")}
     if not quantized:
         raise ValueError("no fake-quantized linears in the model: apply_qat first (or use save_plain for bits 16)")
@@ -104,7 +105,7 @@ def save_qat_release(model: nn.Module, processor, out_dir, qat_config) -> Path:
 
 
 def save_packed(model: nn.Module, processor, out_dir) -> Path:
-    """A model with Int4Linear (-> GRACE AWQ layout) or Int8Linear (-> packed INT8 layout) modules."""
+    """A model with Int4Linear (-> GRACE AWQ format) or Int8Linear (-> packed INT8 format) modules."""
     int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
     int8 = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
     if bool(int4) == bool(int8):
@@ -134,7 +135,7 @@ def _awq_tensors(name: str, module: Int4Linear) -> dict[str, torch.Tensor]:
     """AutoAWQ `WQLinear_GEMM.from_linear` tensors: qweight [in, out/8], qzeros [in/g, out/8], scales fp16 [in/g, out]."""
     sz = module.scales_and_zeros.detach().cpu().float()           # [in/g, out, 2]
     scales, offset = sz[..., 0], sz[..., 1]
-    zeros = torch.round(8 - offset / scales).clamp(0, 15)          # offset = (8 - zp) * s
+    zeros = zero_points_from_offsets(scales, offset, 4)            # offset = (8 - zp) * s
     codes = module.codes().cpu()                                   # [out, in] in [0, 15]
     return {name + ".qweight": awq_pack.pack(codes.t().contiguous()),
             name + ".qzeros": awq_pack.pack(zeros.to(torch.int32)),
@@ -160,7 +161,7 @@ def export_awq(source, out_dir, layout: str = "grace", vision_tower=None) -> Pat
     if layout not in ("grace", "hf"):
         raise ValueError(f"layout must be 'grace' or 'hf', not {layout!r}")
     loaded = _load_for_export(source, "int4", vision_tower)
-    llava = loaded.format.startswith("llava")
+    llava = loaded.model.config.model_type == "llava"
     if layout == "hf":
         if llava:
             from .llava.export import save_llava_hf_awq
@@ -177,7 +178,7 @@ def export_awq(source, out_dir, layout: str = "grace", vision_tower=None) -> Pat
 
 
 def export_int8(source, out_dir) -> Path:
-    """GRACE QAT W8 release (folder, repo id or LoadedModel) -> packed INT8 layout."""
+    """GRACE QAT W8 release (folder, repo id or LoadedModel) -> packed INT8 format."""
     loaded = _load_for_export(source, "int8")
     return save_packed(loaded.model, loaded.processor, out_dir)
 

@@ -10,6 +10,8 @@ from .errors import GraceLoadError
 
 # What a Qwen3-VL checkpoint needs; pytorch_model*.bin and other stray files are never fetched.
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "qat_quantized_weights.bin", "*.md"]
+# What `grace.inspect` fetches: the config and the formats' JSON sidecars, no weights.
+CONFIG_FILES = ["*.json"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -17,8 +19,9 @@ def is_repo_id(source: str) -> bool:
     return bool(_REPO_ID.match(source)) and not source.startswith((".", "/", "~"))
 
 
-def resolve(source: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """Local folder for `source`, downloading from the Hub (with progress bars) when it is a repo id."""
+def resolve(source: str | os.PathLike, *, revision: str | None = None, files: list[str] = HUB_FILES) -> Path:
+    """Local folder for `source`, downloading from the Hub (with progress bars) when it is a repo id:
+    only the files matching the `files` patterns."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -32,7 +35,7 @@ def resolve(source: str | os.PathLike, *, revision: str | None = None) -> Path:
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(text, revision=revision, allow_patterns=files))
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
         raise GraceLoadError(f"'{text}' is not a local folder, and the Hugging Face Hub refused it: "
                              f"{type(err).__name__}. Check the repo id (and `hf auth login` for gated repos).") from None

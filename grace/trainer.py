@@ -254,7 +254,8 @@ def start_from_release_scales(model, folder: Path, qat) -> None:
     """A GRACE QAT release as student: continue from its learned step sizes (the sidecar's log_scale)
     rather than a fresh search, which would move its weights off the released codes."""
     from .distill.fake_quant import fake_quant_modules
-    from .layout import QAT_SIDECAR, read_config, read_sidecar
+    from .checkpoint_files import read_config, read_sidecar
+    from .formats import QAT_SIDECAR
 
     released = read_config(folder)["qat"]
     if (int(released.get("bits", 0)), int(released.get("group_size", 0))) != (qat.bits, qat.group_size):

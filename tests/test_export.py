@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 
 import grace
 from grace import GraceLoadError
-from grace.chat import build_inputs
 from grace.export import export_awq, export_int8, save_packed
 from grace.quant import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 

@@ -94,3 +94,19 @@ def test_weight_bytes_counts_tied_embeddings_once(tmp_path):
     emb = tied.model.get_input_embeddings().weight
     assert tied.model.lm_head.weight.data_ptr() == emb.data_ptr()
     assert untied.weight_bytes - tied.weight_bytes == emb.numel() * emb.element_size()
+
+
+@pytest.mark.parametrize("config,kind", [(grace.Int4WeightOnlyConfig(), "int4"), (grace.Int8WeightOnlyConfig(), "int8")])
+def test_kind_and_packed_follow_the_modules_held(fixtures_dir, config, kind):
+    loaded = grace.load(fixtures_dir / "qwen3vl-tiny-bf16", device="cpu", dtype=torch.float32)
+    assert (loaded.kind, loaded.packed, loaded.format) == ("bf16", False, "plain")
+    names = grace.quantize_(loaded.model, config)
+    assert (loaded.kind, loaded.packed, loaded.format) == (kind, True, "plain")    # format: what was on disk
+    assert loaded.quantized_modules == names
+
+
+def test_mixed_precision_is_reported_as_such(fixtures_dir):
+    loaded = grace.load(fixtures_dir / "qwen3vl-tiny-bf16", device="cpu", dtype=torch.float32)
+    grace.quantize_(loaded.model, grace.Int4WeightOnlyConfig(), filter_fn=lambda m, n: n.endswith("q_proj"))
+    grace.quantize_(loaded.model, grace.Int8WeightOnlyConfig(), filter_fn=lambda m, n: n.endswith("k_proj"))
+    assert loaded.kind == "mixed" and loaded.packed

@@ -307,7 +307,7 @@ def test_qat_release_student_starts_from_the_released_weights(fixtures_dir, rele
     """A QAT release as student starts from its sidecar step sizes: its fake-quantized weights are the
     released ones, code * exp(log_scale), not those of a fresh (different) grid."""
     from grace.distill.fake_quant import fake_quant_modules
-    from grace.layout import read_sidecar
+    from grace.checkpoint_files import read_sidecar
     from grace.trainer import load_student
 
     sidecar = read_sidecar(fixtures_dir / release / "qat_quantized_weights.bin")

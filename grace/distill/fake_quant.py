@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.quantize import replace_module
+from ..quant.primitives import code_range, dequantize, round_codes, to_groups
+from ..quant.quantize import DEFAULT_SKIP, name_matches, quantize_, register_handler, replace_module, target_linears
 
 SCALE_FLOOR = 1e-8   # lower bound of an initial step, so all-zero groups get a finite log_scale
 
@@ -36,7 +37,7 @@ class QATConfig:
 
     bits: int = 4
     group_size: int = 128
-    skip_keywords: tuple[str, ...] = ("visual", "merger", "lm_head", "embed_tokens")
+    skip_keywords: tuple[str, ...] = DEFAULT_SKIP     # whole name components (grace.quant.name_matches)
     lsq_grad_scale: bool = True
     init_candidates: int = 20
     init_range: tuple[float, float] = (0.3, 1.2)
@@ -54,11 +55,6 @@ class QATConfig:
         return self.bits < 16
 
 
-def code_range(bits: int) -> tuple[int, int]:
-    """(qmin, qmax) of signed `bits`-bit codes."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-
 def fake_quantize(weight: torch.Tensor, log_scale: torch.Tensor, bits: int, group_size: int,
                   grad_scale: float = 1.0) -> torch.Tensor:
     """W_dq = clamp(round(W / s), qmin, qmax) * s with s = exp(log_scale), in fp32, shaped like W.
@@ -66,16 +62,14 @@ def fake_quantize(weight: torch.Tensor, log_scale: torch.Tensor, bits: int, grou
     round passes gradients straight through; clamp blocks them outside the code range, so the
     gradients are LSQ's (module docstring). grad_scale multiplies log_scale's gradient only.
     """
-    out_features, in_features = weight.shape
     qmin, qmax = code_range(bits)
     if grad_scale != 1.0:
         # Same value, gradient scaled by grad_scale.
         log_scale = log_scale.detach() + (log_scale - log_scale.detach()) * grad_scale
     scale = log_scale.float().exp().unsqueeze(-1)                              # [out, groups, 1]
-    w = weight.float().reshape(out_features, in_features // group_size, group_size)
-    ratio = (w / scale).clamp(qmin, qmax)
+    ratio = (to_groups(weight, group_size) / scale).clamp(qmin, qmax)
     code = ratio + (torch.round(ratio) - ratio).detach()                       # exact: round(ratio) in forward
-    return (code * scale).reshape(out_features, in_features)
+    return (code * scale).reshape(weight.shape)
 
 
 def init_log_scale_mse(weight: torch.Tensor, bits: int, group_size: int, candidates: int = 20,
@@ -85,17 +79,16 @@ def init_log_scale_mse(weight: torch.Tensor, bits: int, group_size: int, candida
     Returns fp32 [out, in / group_size]. Ties keep the smaller c. A group of zeros gets
     s = 1e-8 * c / qmax (any step reproduces it).
     """
-    out_features, in_features = weight.shape
-    if in_features % group_size:
-        raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
-    qmin, qmax = code_range(bits)
-    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    weight = weight.detach()
+    w = to_groups(weight, group_size)
+    qmax = code_range(bits)[1]
     peak = w.abs().amax(-1).clamp_min(SCALE_FLOOR)
     best_scale = peak / qmax
     best_err = torch.full_like(peak, float("inf"))
     for c in torch.linspace(lo, hi, candidates).tolist():
         scale = peak * (c / qmax)
-        err = (torch.round(w / scale.unsqueeze(-1)).clamp(qmin, qmax) * scale.unsqueeze(-1) - w).square().sum(-1)
+        w_dq = dequantize(round_codes(weight, scale, bits, group_size), scale, group_size)
+        err = (to_groups(w_dq, group_size) - w).square().sum(-1)
         better = err < best_err
         best_scale = torch.where(better, scale, best_scale)
         best_err = torch.where(better, err, best_err)
@@ -145,10 +138,7 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def codes(self) -> torch.Tensor:
         """Integer codes, int8 [out, in]."""
-        qmin, qmax = code_range(self.bits)
-        w = self.weight.float().reshape(self.out_features, -1, self.group_size)
-        codes = torch.round(w / self.scales().unsqueeze(-1)).clamp(qmin, qmax)
-        return codes.to(torch.int8).reshape(self.out_features, self.in_features)
+        return round_codes(self.weight, self.scales(), self.bits, self.group_size)
 
     @torch.no_grad()
     def scales(self) -> torch.Tensor:
@@ -161,27 +151,19 @@ class FakeQuantLinear(nn.Module):
 
 
 def qat_target_names(model: nn.Module, config: QATConfig) -> list[str]:
-    """Names of the nn.Linear modules `apply_qat` would replace (those not matching a skip keyword)."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and not any(k in name for k in config.skip_keywords)]
+    """Names of the nn.Linear modules `apply_qat` would replace: `quantize_`'s rule, none of
+    `config.skip_keywords` among their name components."""
+    return target_linears(model, config.skip_keywords)
+
+
+register_handler(QATConfig)(FakeQuantLinear.from_linear)
 
 
 def apply_qat(model: nn.Module, config: QATConfig) -> list[str]:
-    """Replace the matching nn.Linear modules by FakeQuantLinear in place; return their names.
-
-    bits=16 does nothing. Raises ValueError (before changing anything) when a matching linear's
-    in_features is not a multiple of group_size.
-    """
-    if not config.enabled:
-        return []
-    names = qat_target_names(model, config)
-    bad = [n for n in names if model.get_submodule(n).in_features % config.group_size]
-    if bad:
-        raise ValueError(f"{len(bad)} linear(s) have in_features not divisible by group_size={config.group_size}, "
-                         f"e.g. '{bad[0]}' ({model.get_submodule(bad[0]).in_features})")
-    for name in names:
-        replace_module(model, name, FakeQuantLinear.from_linear(model.get_submodule(name), config))
-    return names
+    """`quantize_(model, config)`: the targeted nn.Linear modules become FakeQuantLinear in place;
+    returns their names. bits=16 does nothing. Raises ValueError (before changing anything) when
+    a targeted linear's in_features is not a multiple of group_size."""
+    return quantize_(model, config) if config.enabled else []
 
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
@@ -239,10 +221,10 @@ def mean_quant_scale(model: nn.Module) -> float:
 
 
 def freeze_vision(model: nn.Module, keyword: str = "visual") -> int:
-    """Set requires_grad=False on parameters whose name contains `keyword`; return how many."""
+    """Set requires_grad=False on parameters with `keyword` among their name components; return how many."""
     frozen = 0
     for name, param in model.named_parameters():
-        if keyword in name:
+        if name_matches(name, [keyword]):
             param.requires_grad_(False)
             frozen += 1
     return frozen

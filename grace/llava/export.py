@@ -21,7 +21,7 @@ import torch
 
 from ..export import _awq_tensors, _write_folder
 from ..export_hf_awq import HF_AWQ_DTYPE, save_hf_awq
-from ..layout import AWQ_MODULES_FILE
+from ..formats import AWQ_MODULES_FILE
 from ..quant.int4 import Int4Linear
 from . import naming
 from .config import is_original_llava, original_config
@@ -119,7 +119,7 @@ def save_llava_qat_release(model, processor, out_dir, qat_config, tokenizer_file
     the sidecar `qat_quantized_weights.bin` (`<module>.weight`, `<module>.log_scale` under original names)
     and the original config plus `qat` (with the original codebase's skip keywords)."""
     from ..distill.fake_quant import fake_quant_modules, qat_state_dict
-    from ..layout import QAT_SIDECAR
+    from ..formats import QAT_SIDECAR
     from .tiny import original_tensors
 
     quantized = fake_quant_modules(model)

@@ -17,7 +17,8 @@ from torch import nn
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from ..errors import GraceLoadError
-from ..layout import QAT_SIDECAR, detect, read_sidecar, read_tensors, safetensors_files
+from ..checkpoint_files import read_sidecar, read_tensors, safetensors_files
+from ..formats import QAT_SIDECAR, detect_format, place_qat
 from . import naming, vision_tower as towers
 from .config import is_llava_hf, is_original_llava, llava_config
 from .processor import build_processor
@@ -42,10 +43,10 @@ def _rename_tensors(tensors: dict, folder: Path) -> dict:
     return out
 
 
-def _rename_layout(layout):
-    skip = list(layout.skip) + [SKIP_ALIASES[k] for k in layout.skip if k in SKIP_ALIASES]
-    modules = [naming.to_hf(m) or m for m in layout.modules]
-    return replace(layout, modules=modules, skip=skip)
+def _rename_info(info):
+    skip = list(info.skip) + [SKIP_ALIASES[k] for k in info.skip if k in SKIP_ALIASES]
+    modules = [naming.to_hf(m) or m for m in info.modules]
+    return replace(info, modules=modules, skip=skip)
 
 
 def _pad_embeddings(tensors: dict, rows: int) -> None:
@@ -67,13 +68,13 @@ def build_empty(config: LlavaConfig, dtype: torch.dtype) -> LlavaForConditionalG
 
 
 def load_llava(folder: Path, source, config_dict: dict, *, device, dtype, packed: bool, vision_tower=None):
-    from ..load import _BUILD_LOCK, LoadedModel, _place_model   # grace.load imports this module lazily
+    from ..load import _BUILD_LOCK, LoadedModel, _load_plain   # grace.load imports this module lazily
 
     if is_llava_hf(config_dict):
         return _load_llava_hf(folder, source, config_dict, device=device, dtype=dtype)
-    layout = detect(folder, config_dict)
-    if layout.format not in ("plain", "grace-qat", "grace-awq"):
-        raise GraceLoadError(f"{folder}: a LLaVA checkpoint in the '{layout.format}' layout is not supported "
+    fmt, info = detect_format(folder, config_dict)
+    if fmt.name not in ("plain", "grace-qat", "grace-awq"):
+        raise GraceLoadError(f"{folder}: a LLaVA checkpoint in the '{fmt.name}' format is not supported "
                              "(plain, GRACE QAT and GRACE AWQ are)")
     tower = towers.read(towers.locate(config_dict, vision_tower))
     config = llava_config(config_dict, tower.config, folder)
@@ -81,30 +82,33 @@ def load_llava(folder: Path, source, config_dict: dict, *, device, dtype, packed
     tensors = _rename_tensors(read_tensors(safetensors_files(folder)), folder)
     tensors.update(towers.weights(tower))
     _pad_embeddings(tensors, config.text_config.vocab_size)
-    sidecar = None
-    if layout.format == "grace-qat" and packed and (folder / QAT_SIDECAR).is_file():
-        sidecar = {naming.to_hf(k) or k: v for k, v in read_sidecar(folder / QAT_SIDECAR).items()}
+    info = _rename_info(info)
     with _BUILD_LOCK:
         model = build_empty(config, dtype)
-        _place_model(model, _rename_layout(layout), tensors, folder, device, dtype, packed, sidecar=sidecar)
+        if fmt.name == "grace-qat" and packed:
+            sidecar = {}
+            if (folder / QAT_SIDECAR).is_file():
+                sidecar = {naming.to_hf(k) or k: v for k, v in read_sidecar(folder / QAT_SIDECAR).items()}
+            place_qat(model, info, tensors, folder, device, dtype, sidecar=sidecar)
+        elif fmt.place is not None and not fmt.stores_plain_weights:
+            fmt.place(model, info, tensors, folder, device, dtype)
+        _load_plain(model, tensors, folder, device, dtype)
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    held_packed = layout.format != "plain" and (packed or layout.format != "grace-qat")
-    return LoadedModel(model, processor, layout.kind, str(source), folder, f"llava-{layout.format}"
-                       if layout.format != "plain" else "llava", held_packed)
+    return LoadedModel(model, processor, str(source), folder, fmt.name, info.kind)
 
 
 def _load_llava_hf(folder: Path, source, raw: dict, *, device, dtype):
     """A llava-hf checkpoint: plain (e.g. llava-hf/llava-1.5-7b-hf, the fp16 reference) or in the
-    transformers AWQ layout (what `grace.export_awq(..., layout="hf")` writes for LLaVA)."""
+    transformers AWQ format (what `grace.export_awq(..., layout="hf")` writes for LLaVA)."""
     from transformers import AutoProcessor
 
-    from ..load import _BUILD_LOCK, LoadedModel, _place_model
+    from ..load import _BUILD_LOCK, LoadedModel, _load_plain
 
-    layout = detect(folder, raw)
-    if layout.format not in ("plain", "hf-awq"):
-        raise GraceLoadError(f"{folder}: a llava-hf checkpoint in the '{layout.format}' layout is not supported "
+    fmt, info = detect_format(folder, raw)
+    if fmt.name not in ("plain", "hf-awq"):
+        raise GraceLoadError(f"{folder}: a llava-hf checkpoint in the '{fmt.name}' format is not supported "
                              "(plain and transformers AWQ are)")
     try:
         config = LlavaConfig.from_pretrained(folder)
@@ -117,9 +121,10 @@ def _load_llava_hf(folder: Path, source, raw: dict, *, device, dtype):
     with _BUILD_LOCK:
         with init_empty_weights(include_buffers=False):
             model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-        _place_model(model, layout, tensors, folder, device, dtype, True)
+        if fmt.place is not None:
+            fmt.place(model, info, tensors, folder, device, dtype)
+        _load_plain(model, tensors, folder, device, dtype)
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    fmt = "llava-hf" if layout.format == "plain" else "llava-hf-awq"
-    return LoadedModel(model, processor, layout.kind, str(source), folder, fmt, layout.format != "plain")
+    return LoadedModel(model, processor, str(source), folder, fmt.name, info.kind)

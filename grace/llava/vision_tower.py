@@ -100,7 +100,7 @@ def read(path: Path) -> VisionTower:
 
 def weights(tower: VisionTower) -> dict[str, torch.Tensor]:
     """The tower's vision-model tensors under the LLaVA model's names (text tower and projections dropped)."""
-    from ..layout import read_sidecar, read_tensors, safetensors_files
+    from ..checkpoint_files import read_sidecar, read_tensors, safetensors_files
 
     if any(tower.path.glob("*.safetensors")):
         tensors = read_tensors(safetensors_files(tower.path))

@@ -21,7 +21,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .qlinear import QuantizedLinear
 
 CUDA_INNER_K_TILES = 8
 # fp32 activations make the CPU int4 kernel slow for many rows (it is tuned for bf16);
@@ -65,35 +66,30 @@ def _pack_for(device: torch.device, codes: torch.Tensor) -> tuple[torch.Tensor, 
     return _codes_to_nibbles(codes), "plain"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """A linear layer whose weight is 4-bit codes with group-wise scale and zero."""
+
+    bits = 4
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
-        super().__init__()
-        if in_features % group_size:
-            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        super().__init__(in_features, out_features, bias, group_size, dtype, device)
         device = torch.device(device or "cpu")
         codes = torch.full((out_features, in_features), 8, dtype=torch.uint8, device=device)
         packed, self.layout = _pack_for(device, codes)
         self.register_buffer("weight_packed", packed)
         self.register_buffer("scales_and_zeros",
                              torch.zeros(in_features // group_size, out_features, 2, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     # -- construction -----------------------------------------------------------------------
-    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> "Int4Linear":
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> "Int4Linear":
         """codes [out, in] in [0, 15]; scales [out, in/group]; zeros [out, in/group] as integer
-        zero points (W = (q - zero) * scale). Computed in fp32, stored in the module's dtype."""
-        if codes.shape != (self.out_features, self.in_features):
-            raise ValueError(f"codes shape {tuple(codes.shape)} != {(self.out_features, self.in_features)}")
-        groups = (self.out_features, self.in_features // self.group_size)
-        if scales.shape != groups or zeros.shape != groups:
-            raise ValueError(f"scales/zeros must be {groups}, got {tuple(scales.shape)} / {tuple(zeros.shape)}")
+        zero points (W = (q - zero) * scale), default 8: a symmetric grid stored as q + 8.
+        Computed in fp32, stored in the module's dtype."""
+        self._check_codes(codes, 0, 15, scales=scales, zeros=zeros)
         device = self.scales_and_zeros.device
         scales = scales.to(device, torch.float32)
-        offset = (8 - zeros.to(device, torch.float32)) * scales
+        offset = (8 - zeros.to(device, torch.float32)) * scales if zeros is not None else torch.zeros_like(scales)
         self.scales_and_zeros = torch.stack((scales, offset), dim=-1).transpose(0, 1).contiguous().to(self.scales_and_zeros.dtype)
         self.weight_packed, self.layout = _pack_for(device, codes.to(device))
         return self
@@ -151,5 +147,4 @@ class Int4Linear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}, layout={self.layout}")
+        return f"{super().extra_repr()}, layout={self.layout}"

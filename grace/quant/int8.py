@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .qlinear import QuantizedLinear
 
 # Up to this many rows the per-group int8 kernel beats dequantize + matmul on CPU
 # (bench/linear_kernels.py: with bf16 activations up to 16 rows on every 2B shape, with fp32 up to 2-8).
@@ -21,25 +22,22 @@ KERNEL_MAX_ROWS = 16
 FP32_KERNEL_MAX_ROWS = 4
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
+    bits = 8
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
-        super().__init__()
-        if in_features % group_size:
-            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        super().__init__(in_features, out_features, bias, group_size, dtype, device)
         groups = in_features // group_size
         self.register_buffer("qweight", torch.zeros(groups, out_features, group_size, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
-    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor) -> "Int8Linear":
-        """codes int [out, in] in [-128, 127]; scales [out, in/group]."""
-        groups = self.in_features // self.group_size
-        if codes.shape != (self.out_features, self.in_features) or scales.shape != (self.out_features, groups):
-            raise ValueError(f"codes/scales shapes {tuple(codes.shape)}/{tuple(scales.shape)} do not fit {self}")
-        if codes.numel() and (codes.min() < -128 or codes.max() > 127):
-            raise ValueError("int8 codes must lie in [-128, 127]")
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> "Int8Linear":
+        """codes int [out, in] in [-128, 127]; scales [out, in/group]. Symmetric: no zero points."""
+        if zeros is not None:
+            raise ValueError("Int8Linear is symmetric (W = q * s): it takes no zero points")
+        self._check_codes(codes, -128, 127, scales=scales)
+        groups = self.groups
         device = self.qweight.device
         self.qweight = codes.to(device, torch.int8).reshape(self.out_features, groups, self.group_size).transpose(0, 1).contiguous()
         self.scales = scales.to(device, torch.float32).t().contiguous().to(self.scales.dtype)
@@ -68,7 +66,3 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}")

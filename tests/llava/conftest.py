@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 
-LLAVA_FIXTURES = {"llava-tiny-grace-w4g128-qat": "llava-grace-qat", "llava-tiny-grace-w4g128-awq": "llava-grace-awq"}
+LLAVA_FIXTURES = {"llava-tiny-grace-w4g128-qat": "grace-qat", "llava-tiny-grace-w4g128-awq": "grace-awq"}
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def test_cli_chat_answers_the_greedy_reference(fixtures_dir, tmp_path):
             f"{str(fixtures_dir / 'clip-tiny')!r}, 'Describe this image.']))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "[int4, llava-grace-awq" in run.stdout
+    assert "[int4, grace-awq" in run.stdout
     loaded = grace.load(folder, device="cpu", vision_tower=fixtures_dir / "clip-tiny")
     text = loaded.processor.tokenizer.decode(tokenizer_ids, skip_special_tokens=True).strip()
     assert text and text in run.stdout

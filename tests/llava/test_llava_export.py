@@ -40,7 +40,7 @@ def test_export_loads_back_and_matches_the_awq_reference(fixtures_dir, exported)
 
     release = fixtures_dir / "llava-tiny-grace-w4g128-awq"
     loaded = grace.load(exported, device="cpu", dtype=torch.float32, vision_tower=fixtures_dir / "clip-tiny")
-    assert (loaded.kind, loaded.format) == ("int4", "llava-grace-awq")
+    assert (loaded.kind, loaded.format) == ("int4", "grace-awq")
     inputs = build_inputs(loaded.processor, Image.open(release / "image.png"), "Describe this image.")
     with torch.no_grad():
         diff = (loaded.model(**inputs).logits[0] - load_file(release / "expected.safetensors")["logits"]).abs().max()

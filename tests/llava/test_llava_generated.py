@@ -95,7 +95,7 @@ def reference_with(model, codes, scales, scale_dtype, plain_dtype):
 def test_qat_release_loads_as_int4(qat_release):
     seed, model, processor, folder, tower, codes, scales = qat_release
     loaded = grace.load(folder, device="cpu", dtype=torch.float32, vision_tower=tower)
-    assert (loaded.kind, loaded.format) == ("int4", "llava-grace-qat")
+    assert (loaded.kind, loaded.format) == ("int4", "grace-qat")
     assert sorted(loaded.quantized_modules) == sorted(codes)
     ref = reference_with(model, codes, scales, torch.float32, torch.bfloat16)
     got, inputs = logits(loaded.model, loaded.processor, seed)
@@ -124,7 +124,7 @@ def test_awq_export_packs_like_autoawq_and_loads(qat_release, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["awq_packing"]["zero_point"] == 8 and "quantization_config" not in config and "qat" in config
     loaded = grace.load(out, device="cpu", dtype=torch.float32, vision_tower=tower)
-    assert (loaded.kind, loaded.format) == ("int4", "llava-grace-awq")
+    assert (loaded.kind, loaded.format) == ("int4", "grace-awq")
     ref = reference_with(model, codes, scales, torch.float16, torch.float16)
     assert (logits(loaded.model, loaded.processor, seed)[0] - logits(ref, processor, seed)[0]).abs().max().item() < 1e-3
 
@@ -140,7 +140,7 @@ def test_hf_awq_export_loads_back(qat_release, tmp_path):
                              "multi_modal_projector.")) for k in names)
     assert "language_model.model.layers.0.self_attn.q_proj.qweight" in names
     loaded = grace.load(out, device="cpu", dtype=torch.float32)          # no vision_tower needed: it is inside
-    assert (loaded.kind, loaded.format) == ("int4", "llava-hf-awq")
+    assert (loaded.kind, loaded.format) == ("int4", "hf-awq")
     ref = reference_with(model, codes, scales, torch.float16, torch.float16)
     with torch.no_grad():
         for key, value in ref.state_dict().items():

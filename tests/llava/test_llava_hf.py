@@ -27,7 +27,7 @@ def test_llava_hf_checkpoint_loads(tmp_path, naming):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "hf" / "model.safetensors"),
                   metadata={"format": "pt"})
     loaded = grace.load(tmp_path / "hf", device="cpu", dtype=torch.float32)
-    assert (loaded.kind, loaded.format, loaded.packed) == ("bf16", "llava-hf", False)
+    assert (loaded.kind, loaded.format, loaded.packed) == ("bf16", "plain", False)
     image = Image.new("RGB", (50, 30), (10, 200, 30))
     inputs = build_inputs(loaded.processor, image, "What is it?")
     assert torch.equal(inputs["input_ids"], build_inputs(processor, image, "What is it?")["input_ids"])

@@ -142,3 +142,10 @@ def test_awq_release_sharded_and_named_llava(fixtures_dir, clip_tiny, tmp_path):
     inputs, expected = reference(folder, loaded.processor)
     with torch.no_grad():
         assert (loaded.model(**inputs).logits[0] - expected["logits"]).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("name,fmt", LLAVA_FIXTURES.items())
+def test_inspect_agrees_with_load(fixtures_dir, name, fmt):
+    info = grace.inspect(fixtures_dir / name)     # JSON only: no vision tower needed
+    assert (info.format, info.kind, info.bits, info.group_size) == (fmt, "int4", 4, 128)
+    assert info.architecture == "LlavaForConditionalGeneration" and info.quantized_modules == 14

@@ -71,10 +71,10 @@ def test_pair_collator_qat_and_a_few_grace_steps(tmp_path):
 
     release = save_llava_qat_release(model, student.processor, tmp_path / "release", qat)
     loaded = grace.load(release, device="cpu", dtype=torch.float32, vision_tower=tower)
-    assert (loaded.kind, loaded.format, len(loaded.quantized_modules)) == ("int4", "llava-grace-qat", 14)
+    assert (loaded.kind, loaded.format, len(loaded.quantized_modules)) == ("int4", "grace-qat", 14)
     model.eval()
     with torch.no_grad():
         diff = (loaded.model(**inputs).logits - model(**inputs).logits).abs().max().item()
     assert diff < 0.05        # bf16-stored plain tensors; the INT4 codes are exact
     awq = grace.export_awq(release, tmp_path / "awq", vision_tower=tower)
-    assert grace.load(awq, device="cpu", vision_tower=tower).format == "llava-grace-awq"
+    assert grace.load(awq, device="cpu", vision_tower=tower).format == "grace-awq"

@@ -188,3 +188,16 @@ def test_qweight_on_a_module_that_is_not_a_linear_is_refused(fixtures_dir, tmp_p
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(GraceLoadError, match="nonexistent"):
         grace.load(folder, device="cpu")
+
+
+def test_awq_tensors_under_a_gptq_config_are_refused(fixtures_dir, tmp_path):
+    folder = copy_fixture(fixtures_dir, "qwen3vl-tiny-hf-awq", tmp_path)
+    edit_config(folder, quant_method="gptq")
+    with pytest.raises(GraceLoadError, match="not in the gptq .GPTQ. packing"):
+        grace.load(folder, device="cpu")
+
+
+@pytest.mark.parametrize("name,fmt", FIXTURES.items())
+def test_inspect_counts_the_packed_linears(fixtures_dir, name, fmt):
+    info = grace.inspect(fixtures_dir / name)
+    assert (info.format, info.kind, info.bits, info.group_size, info.quantized_modules) == (fmt, "int4", 4, 128, 14)

@@ -9,7 +9,7 @@ from torch import nn
 
 from grace.distill import (FakeQuantLinear, QATConfig, apply_qat, fake_quantize, freeze_vision, init_log_scale_mse,
                            mean_quant_scale, qat_param_groups, qat_state_dict, strip_qat)
-from grace.quant.grid import codes_on_grid
+from grace.quant.primitives import codes_on_grid
 
 
 def heavy_tailed(seed, out_features, in_features, dtype=torch.float32):

@@ -1,0 +1,67 @@
+"""What Int4Linear and Int8Linear share: shape bookkeeping, the bias, code checks and `from_codes`."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is `bits`-bit integer codes with one scale per group of
+    `group_size` input columns. Subclasses hold the codes in their kernel's storage."""
+
+    bits: ClassVar[int]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
+                 dtype: torch.dtype, device: torch.device | str | None):
+        super().__init__()
+        if group_size <= 0 or in_features % group_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @property
+    def groups(self) -> int:
+        return self.in_features // self.group_size
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None, *,
+                   bias: torch.Tensor | None = None, group_size: int = 128, dtype: torch.dtype = torch.bfloat16,
+                   device: torch.device | str | None = None):
+        """A module holding `codes` [out, in] with `scales` [out, in/group_size] (and, where the
+        subclass has them, integer `zeros` [out, in/group_size]); `bias` [out] optional.
+        Placed on `device` (default: the codes' device), scales and bias held in `dtype`."""
+        out_f, in_f = codes.shape
+        device = codes.device if device is None else device
+        module = cls(in_f, out_f, bias is not None, group_size, dtype, device)
+        module.set_codes(codes, scales, zeros)
+        if bias is not None:
+            if tuple(bias.shape) != (out_f,):
+                raise ValueError(f"bias shape {tuple(bias.shape)} != {(out_f,)}")
+            module.bias.data = bias.detach().to(module.bias.device, dtype)
+        return module
+
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def _check_codes(self, codes: torch.Tensor, qmin: int, qmax: int, **per_group: torch.Tensor | None) -> None:
+        """Shapes [out, in] / [out, groups] and the code range; values are not read on the meta device."""
+        if tuple(codes.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"codes shape {tuple(codes.shape)} != {(self.out_features, self.in_features)}")
+        for name, tensor in per_group.items():
+            if tensor is not None and tuple(tensor.shape) != (self.out_features, self.groups):
+                raise ValueError(f"{name} shape {tuple(tensor.shape)} != {(self.out_features, self.groups)}")
+        if codes.numel() and codes.device.type != "meta" and (codes.min() < qmin or codes.max() > qmax):
+            raise ValueError(f"{self.bits}-bit codes must lie in [{qmin}, {qmax}]")
+
+    def codes(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
