@@ -1,9 +1,12 @@
-"""GRACE: Gated Relational Alignment via Confidence-based Distillation, for Qwen3-VL.
+"""GRACE: Gated Relational Alignment via Confidence-based Distillation, for Qwen3-VL and LLaVA-1.5.
 
     import grace
     grace.inspect("ForeverBlue/Qwen3-VL-2B-GRACE-W4G128-AWQ")            # format, kind, bits: no weights read
     loaded = grace.load("ForeverBlue/Qwen3-VL-2B-GRACE-W4G128-AWQ")      # any release format
     grace.export_awq("path/to/Qwen3-VL-2B-GRACE-W4G128", "out/awq")      # QAT W4 -> AWQ INT4
+    grace.export_awq("path/to/Qwen3-VL-2B-GRACE-W4G128", "out/hf", layout="hf")   # for vLLM / SGLang
+    grace.load("ForeverBlue/LLaVA-1.5-7B-GRACE-W4G128", vision_tower="path/to/clip-vit-large-patch14-336")
+    grace.load("Vishva007/Qwen3-VL-2B-Instruct-W4A16-AutoRound-GPTQ")    # the AutoRound W4A16 rival
     grace.quantize_(model, grace.Int4WeightOnlyConfig())                   # round-to-nearest baseline
     grace.train(grace.TrainConfig(teacher=..., student=..., bits=4, steps=1000, out="runs/w4"))
     grace.evaluate(loaded, "shapes-test")
