@@ -103,3 +103,47 @@ class LlavaCollator:
         if with_image:
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_image])
         return batch
+
+
+# -- what the trainer asks, per architecture (Qwen3-VL answers with its own defaults) ----------------------
+
+def vision_keyword(model, default: str = "visual") -> str:
+    """The name part of the parameters `freeze_vision` freezes."""
+    return VISION_KEYWORD if is_llava_model(model) else default
+
+
+def projector_keyword(model, default: str = "merger") -> str:
+    """The vision-to-language connector (trained with `train_merger`)."""
+    return "multi_modal_projector" if is_llava_model(model) else default
+
+
+def qat_skip_keywords(model, default: tuple[str, ...]) -> tuple[str, ...]:
+    return QAT_SKIP_KEYWORDS if is_llava_model(model) else tuple(default)
+
+
+def rcka_image_grid(model, inputs: dict):
+    """(image_grid_thw, merge_size) for `rcka_loss`: Qwen3-VL's from its processor; LLaVA's fixed count per image."""
+    if is_llava_model(model):
+        pixels = inputs.get("pixel_values")
+        return (None if pixels is None else image_grid(model.config, pixels.shape[0])), 1
+    return inputs.get("image_grid_thw"), model.config.vision_config.spatial_merge_size
+
+
+def collator(processor, max_length: int | None = None):
+    """The batch builder for the processor's model: LlavaCollator for LLaVA, the Qwen3-VL collator otherwise."""
+    from transformers import LlavaProcessor
+
+    if isinstance(processor, LlavaProcessor):
+        return LlavaCollator(processor, max_length)
+    from ..data.conversations import Collator
+
+    return Collator(processor, max_length)
+
+
+def release_name(model, name: str) -> str:
+    """A model module / tensor name as the model's QAT release sidecar writes it."""
+    if is_llava_model(model):
+        from .naming import to_original
+
+        return to_original(name) or name
+    return name

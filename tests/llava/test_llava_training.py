@@ -8,7 +8,7 @@ import grace
 from grace.distill import QATConfig, apply_qat, freeze_vision, gated_dkd_loss, rcka_loss
 from grace.distill.hidden import capture_layer_output, decoder_layers
 from grace.llava.export import save_llava_qat_release
-from grace.llava.tiny import TinyLlavaConfig, save_tiny_llava_pair
+from grace.llava.tiny import TinyLlavaConfig, save_tiny_llava_pair, tiny_llava
 from grace.llava.training import (QAT_SKIP_KEYWORDS, VISION_KEYWORD, LlavaCollator, image_grid, tokens_per_image)
 
 RECORDS = [{"id": 0, "image": Image.new("RGB", (60, 40), "red"),
@@ -78,3 +78,21 @@ def test_pair_collator_qat_and_a_few_grace_steps(tmp_path):
     assert diff < 0.05        # bf16-stored plain tensors; the INT4 codes are exact
     awq = grace.export_awq(release, tmp_path / "awq", vision_tower=tower)
     assert grace.load(awq, device="cpu", vision_tower=tower).format == "grace-awq"
+
+
+def test_trainer_questions_answered_per_architecture(tmp_path):
+    from grace.data.conversations import Collator
+    from grace.llava import training
+    from grace.tiny import tiny_qwen3vl
+
+    llava, processor = tiny_llava(0, workdir=tmp_path)
+    qwen, qwen_processor = tiny_qwen3vl(0)
+    assert training.vision_keyword(llava) == "vision_tower" and training.vision_keyword(qwen) == "visual"
+    assert training.projector_keyword(llava) == "multi_modal_projector" and training.projector_keyword(qwen) == "merger"
+    assert training.qat_skip_keywords(qwen, ("visual",)) == ("visual",)
+    assert isinstance(training.collator(processor), LlavaCollator)
+    assert isinstance(training.collator(qwen_processor), Collator)
+    assert training.release_name(llava, "model.language_model.layers.0.mlp.up_proj") == "model.layers.0.mlp.up_proj"
+    batch = LlavaCollator(processor)(RECORDS[:1])
+    grid, merge = training.rcka_image_grid(llava, batch)
+    assert merge == 1 and grid.tolist() == [[1, 16, 1]]
