@@ -1,0 +1,130 @@
+"""TrainConfig (everything a run depends on, and the one place its defaults live) and TrainResult."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+OBJECTIVES = ("grace", "kd", "ce")
+
+
+def opt(default, help: str):
+    """A config field with its help text (shown by `python -m grace train --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. `python -m grace train` exposes each field as --field-name."""
+
+    student: str = field(metadata={"help": "student checkpoint: any source grace.load reads (a QAT release loads "
+                                           "unpacked)"})
+    teacher: str | None = opt(None, "teacher checkpoint (frozen), or none for CE only")
+    out: str | None = opt(None, "run folder (default with --resume: the resumed run's folder)")
+    data: str = opt("shapes", "'shapes' (endless synthetic stream) or a LLaVA/ShareGPT4V conversation JSON")
+    bits: Literal[4, 8, 16] = opt(4, "student weight bits: 4 or 8 (QAT, group-wise) or 16 (no quantization)")
+    steps: int = opt(1000, "optimizer steps of the whole run")
+    objective: Literal["grace", "kd", "ce"] | None = opt(None, "grace | kd | ce (default: grace with a teacher, "
+                                                               "ce without)")
+    # optimisation
+    lr: float = opt(2e-5, "peak learning rate of the weights")
+    scale_lr: float = opt(1e-4, "peak learning rate of the QAT step sizes (log_scale)")
+    weight_decay: float = opt(0.0, "AdamW weight decay of weight matrices")
+    adam_betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    warmup_steps: int = opt(20, "linear learning-rate warm-up steps, then cosine decay")
+    min_lr_ratio: float = opt(0.1, "cosine floor, as a fraction of the peak learning rate")
+    batch_size: int = opt(4, "samples per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float = opt(1.0, "gradient-norm clip (0: no clipping)")
+    # quantization
+    group_size: int = opt(128, "QAT group size (input columns per step size)")
+    freeze_vision: bool = opt(True, "keep the vision tower frozen (and unquantized)")
+    # distillation
+    temperature: float = opt(2.0, "distillation temperature T")
+    alpha: float = opt(1.0, "DKD weight of the target-class term (TCKD)")
+    dkd_beta: float = opt(4.0, "DKD weight of the non-target term (NCKD)")
+    omega: float = opt(1.0, "weight of the R-CKA term")
+    rcka_layer: int = opt(-2, "decoder layer whose output R-CKA aligns (negative: from the end; -2 = penultimate)")
+    kd_warmup: int = opt(50, "steps of the linear ramp of the GDKD (or KD) term")
+    rcka_warmup: int = opt(100, "steps of the linear ramp of the R-CKA term")
+    # Adaptive IB controller (beta weighs the GDKD term). tau is in L_GDKD's own units (T^2-scaled, dkd_beta=4):
+    # measured at T=2 on the tiny models, ~28 for an untrained student vs a trained teacher, falling below 0.1
+    # as it matches (~0.1 between two random models). tau=1 sits between: beta climbs (to beta_max) while the
+    # student is far off and relaxes, at most eta per step, once the smoothed loss is under 1. beta starts at
+    # 1 (KD as strong as CE), bounded to [0, 5]. For other temperatures / dkd_beta rescale tau alike.
+    tau: float = opt(1.0, "target of the smoothed L_GDKD: beta grows while the EMA is above it")
+    eta: float = opt(0.01, "controller gain: beta += eta * (ema - tau) per step")
+    beta_init: float = opt(1.0, "initial beta (also the fixed KD weight of --objective kd)")
+    beta_min: float = opt(0.0, "lower bound of beta")
+    beta_max: float = opt(5.0, "upper bound of beta")
+    ema_decay: float = opt(0.99, "EMA decay of the controller's L_GDKD average")
+    # data
+    image_size: int = opt(64, "shapes: generated image size (the processor resizes as it was configured)")
+    image_root: str | None = opt(None, "conversation JSON: folder image paths are relative to (default: the JSON's)")
+    max_length: int | None = opt(None, "drop tokens past this length (default: keep all)")
+    num_workers: int = opt(0, "data-loading worker processes")
+    # run
+    seed: int = opt(0, "seed of initialisation and of the data stream")
+    checkpoint_every: int = opt(500, "write checkpoint-<step>/ every this many steps (and at the end)")
+    # By time as well: a killed job loses at most about this much work. A slow write stretches the interval
+    # (see checkpoint.CheckpointTimer) so that checkpointing never takes more than ~10 % of the run.
+    checkpoint_minutes: float = opt(1.0, "also checkpoint once this many minutes have passed since the last one "
+                                         "(0: by steps only)")
+    keep_checkpoints: int = opt(2, "checkpoints kept (older ones are deleted)")
+    log_every: int = opt(10, "print a progress line every this many steps")
+    resume: str | None = opt(None, "continue from a run folder (its latest checkpoint) or a checkpoint folder")
+    stop_after: int | None = opt(None, "stop (as on a stop request) once this many steps are done")
+
+    def __post_init__(self):
+        if isinstance(self.teacher, str) and self.teacher.strip().lower() in ("", "none"):
+            self.teacher = None
+        self.adam_betas = tuple(self.adam_betas)
+        problems = []
+        if not self.student:
+            problems.append("a student checkpoint is required")
+        if self.bits not in (4, 8, 16):
+            problems.append(f"bits must be 4, 8 or 16, got {self.bits}")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective in ("grace", "kd") and self.teacher is None:
+            problems.append(f"objective {self.objective} needs a teacher (or use --objective ce)")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "group_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "kd_warmup", "rcka_warmup", "num_workers", "checkpoint_minutes"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be positive, got {self.temperature}")
+        if not self.beta_min <= self.beta_init <= self.beta_max:
+            problems.append(f"need beta_min <= beta_init <= beta_max, got {self.beta_min}, {self.beta_init}, "
+                            f"{self.beta_max}")
+        if not self.out and not self.resume:
+            problems.append("an output folder (out) is required")
+        if problems:
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+    @property
+    def resolved_objective(self) -> str:
+        return self.objective or ("grace" if self.teacher else "ce")
+
+
+# Settings that may differ when a run is resumed without changing its trajectory.
+RESUME_MAY_CHANGE = ("resume", "stop_after", "out", "steps", "checkpoint_every", "checkpoint_minutes", "log_every",
+                     "keep_checkpoints", "num_workers")
+
+
+@dataclass
+class TrainResult:
+    outcome: str                       # finished | stopped | failed
+    step: int
+    out: Path
+    metrics: Path
+    checkpoint: Path | None = None
+    final: Path | None = None
+    export: Path | None = None
+    last: dict = field(default_factory=dict)      # the last step's metrics
