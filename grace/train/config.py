@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,8 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay of weight matrices")
     adam_betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     warmup_steps: int = opt(20, "linear learning-rate warm-up steps, then cosine decay")
+    warmup_ratio: float = opt(0.0, "warm-up as a fraction of steps, rounded up (used instead of warmup_steps "
+                                   "when > 0)")
     min_lr_ratio: float = opt(0.1, "cosine floor, as a fraction of the peak learning rate")
     batch_size: int = opt(4, "samples per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
@@ -40,6 +43,10 @@ class TrainConfig:
     # quantization
     group_size: int = opt(128, "QAT group size (input columns per step size)")
     freeze_vision: bool = opt(True, "keep the vision tower frozen (and unquantized)")
+    train_merger: bool = opt(False, "with freeze_vision: still train the vision-to-language merger (never "
+                                    "quantized)")
+    gradient_checkpointing: bool = opt(False, "recompute the student's activations in the backward pass (less "
+                                              "memory, slower)")
     # distillation
     temperature: float = opt(2.0, "distillation temperature T")
     alpha: float = opt(1.0, "DKD weight of the target-class term (TCKD)")
@@ -63,6 +70,10 @@ class TrainConfig:
     image_size: int = opt(64, "shapes: generated image size (the processor resizes as it was configured)")
     image_root: str | None = opt(None, "conversation JSON: folder image paths are relative to (default: the JSON's)")
     max_length: int | None = opt(None, "drop tokens past this length (default: keep all)")
+    min_pixels: int | None = opt(None, "smallest pixel count an image is resized to (None: as the processor "
+                                       "was saved)")
+    max_pixels: int | None = opt(None, "largest pixel count an image is resized to (None: as the processor was "
+                                       "saved)")
     num_workers: int = opt(0, "data-loading worker processes")
     # run
     seed: int = opt(0, "seed of initialisation and of the data stream")
@@ -96,6 +107,10 @@ class TrainConfig:
         for name in ("warmup_steps", "kd_warmup", "rcka_warmup", "num_workers", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            problems.append(f"min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.temperature <= 0:
@@ -111,6 +126,41 @@ class TrainConfig:
     @property
     def resolved_objective(self) -> str:
         return self.objective or ("grace" if self.teacher else "ce")
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        return math.ceil(self.warmup_ratio * self.steps) if self.warmup_ratio > 0 else self.warmup_steps
+
+    @classmethod
+    def from_preset(cls, name: str, **fields) -> "TrainConfig":
+        """A named recipe (PRESETS) with `fields` on top: TrainConfig.from_preset("qwen3vl-2b-paper",
+        student=..., teacher=..., out=...)."""
+        return cls(**{**preset_values(name), **fields})
+
+
+# Named recipes: the values a published run used, each with its source. `--preset NAME` on the command
+# line; every value can still be overridden by its own option.
+PRESETS = {
+    "qwen3vl-2b-paper": {
+        "source": "the authors' Qwen3-VL-2B GRACE run: qwen-vl-finetune/scripts/finetune_qwen3vl_2b_grace.slurm "
+                  "in github.com/ForeverBlue816/GRACE (8B teacher, 16 GPUs x 2 per device x 16 accumulation = "
+                  "512 per step, DeepSpeed ZeRO-2, bf16; 1 epoch of ShareGPT4V mix665k, about 1 300 steps; the "
+                  "paper trains 3 epochs)",
+        "values": dict(bits=4, group_size=128, lr=1e-5, scale_lr=2e-4, weight_decay=1e-3, warmup_ratio=0.03,
+                       min_lr_ratio=0.0, max_grad_norm=1.0, batch_size=2, grad_accum=16, steps=1300,
+                       temperature=2.0, alpha=1.0, dkd_beta=4.0, omega=3.0, rcka_layer=-2, kd_warmup=0,
+                       rcka_warmup=400, tau=3.0, eta=0.003, beta_init=0.5, beta_min=0.1, beta_max=1.0,
+                       ema_decay=0.99, freeze_vision=True, train_merger=True, gradient_checkpointing=True,
+                       min_pixels=784, max_pixels=200_704, max_length=8192, num_workers=4, checkpoint_every=500,
+                       keep_checkpoints=3),
+    },
+}
+
+
+def preset_values(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return dict(PRESETS[name]["values"])
 
 
 # Settings that may differ when a run is resumed without changing its trajectory.

@@ -102,7 +102,8 @@ class Trainer:
 
         groups = qat_param_groups(self.student_core, config.lr, config.scale_lr, config.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas)
-        self.scheduler = cosine_schedule(self.optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
+        self.scheduler = cosine_schedule(self.optimizer, config.resolved_warmup_steps, config.steps,
+                                         config.min_lr_ratio)
         self.objective = build_objective(config, self.student_core, self.teacher, acc)
         dataset = build_dataset(config.data, config.seed, config.image_size, config.image_root)
         self.data_size = len(dataset) if hasattr(dataset, "__len__") else None

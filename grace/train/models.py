@@ -24,12 +24,38 @@ def load_student(config: TrainConfig, device: torch.device | str):
     model = loaded.model
     if config.freeze_vision:
         freeze_vision(model)
+        if config.train_merger:
+            for name, param in model.named_parameters():
+                if "merger" in name:          # visual.merger and the deepstack mergers
+                    param.requires_grad_(True)
     qat = QATConfig(bits=config.bits, group_size=config.group_size)
     qat_modules = apply_qat(model, qat)
     if loaded.format == "grace-qat":
         start_from_release_scales(model, loaded.path, qat)
+    if config.gradient_checkpointing:     # transformers >= 5 calls it activation checkpointing
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_pixel_budget(loaded.processor, config.min_pixels, config.max_pixels)
     model.train()
     return loaded, qat, qat_modules
+
+
+def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Bound the pixels an image is resized to (Qwen-VL's min_pixels / max_pixels: `size`'s shortest_edge /
+    longest_edge). The processor is saved with the release, so it keeps the budget it was trained with."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = processor.image_processor
+    size = dict(image_processor.size)
+    size = {"shortest_edge": size.get("shortest_edge"), "longest_edge": size.get("longest_edge")}
+    if min_pixels is not None:
+        size["shortest_edge"] = int(min_pixels)
+    if max_pixels is not None:
+        size["longest_edge"] = int(max_pixels)
+    image_processor.size = size
 
 
 @torch.no_grad()

@@ -217,3 +217,13 @@ def test_two_processes_share_the_stream_and_one_writes(models, tmp_path):
     single = train(settings(models, tmp_path / "one", data="shapes", steps=3, batch_size=4, grad_accum=2))
     assert [s["tokens"] for s in steps_of(lines)] == [s["tokens"] for s in steps_of(read_lines(single.out))]
     assert grace.load(out / "export-awq", device="cpu").format == "grace-awq"
+
+
+def test_gradient_checkpointing_changes_memory_not_the_trajectory(models, tmp_path):
+    common = dict(bits=16, steps=3, kd_warmup=0, rcka_warmup=0, checkpoint_every=100)
+    plain = steps_of(read_lines(train(settings(models, tmp_path / "plain", **common)).out))
+    recomputed = steps_of(read_lines(train(settings(models, tmp_path / "gc", gradient_checkpointing=True,
+                                                    **common)).out))
+    for a, b in zip(plain, recomputed):
+        for key in ("loss", "ce", "gdkd", "rcka", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)

@@ -40,6 +40,11 @@ def test_teacher_is_frozen_and_student_trains_without_vision(tmp_path):
     assert student.model.training and qat.bits == 8 and names
     assert trainable and not any("visual" in n for n in trainable)
     assert any(n.endswith("log_scale") for n in trainable)
+    assert not student.model.is_activation_checkpointing
+    merged, _, _ = load_student(TrainConfig(student=str(path), out="x", bits=16, train_merger=True,
+                                            gradient_checkpointing=True), "cpu")
+    vision = {n for n, p in merged.model.named_parameters() if p.requires_grad and "visual" in n}
+    assert vision and all("merger" in n for n in vision) and merged.model.is_activation_checkpointing
 
 
 def test_compatibility_check_names_the_difference(tmp_path):
@@ -48,3 +53,20 @@ def test_compatibility_check_names_the_difference(tmp_path):
     other_patch = load(save_tiny(tmp_path / "b", 0, TinyConfig(patch_size=8)), device="cpu")
     with pytest.raises(ValueError, match="patch_size"):
         check_compatible(a, other_patch)
+
+
+def test_pixel_budget_bounds_the_image_tokens(tmp_path):
+    """min_pixels / max_pixels reach the processor (and so the collator and the saved release)."""
+    from PIL import Image
+
+    path = save_tiny(tmp_path / "m", 0, TinyConfig())
+    picture = Image.new("RGB", (640, 480), "white")
+
+    def grid(**pixels):
+        student, _, _ = load_student(TrainConfig(student=str(path), out="x", bits=16, **pixels), "cpu")
+        return student.processor.image_processor(images=[picture], return_tensors="pt")["image_grid_thw"][0].tolist()
+
+    t, h, w = grid(max_pixels=64 * 64)
+    assert h * w * 16 * 16 <= 64 * 64 * 1.01
+    t, h2, w2 = grid(min_pixels=784, max_pixels=200_704)
+    assert h2 * w2 > h * w and h2 * w2 * 16 * 16 <= 200_704
