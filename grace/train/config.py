@@ -66,6 +66,9 @@ class TrainConfig:
     beta_min: float = opt(0.0, "lower bound of beta")
     beta_max: float = opt(5.0, "upper bound of beta")
     ema_decay: float = opt(0.99, "EMA decay of the controller's L_GDKD average")
+    controller_update: Literal["after_step", "last_micro_batch"] = opt(
+        "after_step", "when a step's mean L_GDKD updates beta: after the optimizer step (the next step uses it) "
+                      "or at the step's last micro-batch, which already uses it (the authors' code)")
     # data
     image_size: int = opt(64, "shapes: generated image size (the processor resizes as it was configured)")
     image_root: str | None = opt(None, "conversation JSON: folder image paths are relative to (default: the JSON's)")
@@ -96,6 +99,8 @@ class TrainConfig:
             problems.append("a student checkpoint is required")
         if self.bits not in (4, 8, 16):
             problems.append(f"bits must be 4, 8 or 16, got {self.bits}")
+        if self.controller_update not in ("after_step", "last_micro_batch"):
+            problems.append(f"controller_update must be after_step or last_micro_batch, got {self.controller_update!r}")
         if self.objective is not None and self.objective not in OBJECTIVES:
             problems.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective in ("grace", "kd") and self.teacher is None:
@@ -150,7 +155,7 @@ PRESETS = {
                        min_lr_ratio=0.0, max_grad_norm=1.0, batch_size=2, grad_accum=16, steps=1300,
                        temperature=2.0, alpha=1.0, dkd_beta=4.0, omega=3.0, rcka_layer=-2, kd_warmup=0,
                        rcka_warmup=400, tau=3.0, eta=0.003, beta_init=0.5, beta_min=0.1, beta_max=1.0,
-                       ema_decay=0.99, freeze_vision=True, train_merger=True, gradient_checkpointing=True,
+                       ema_decay=0.99, controller_update="last_micro_batch", freeze_vision=True, train_merger=True, gradient_checkpointing=True,
                        min_pixels=784, max_pixels=200_704, max_length=8192, num_workers=4, checkpoint_every=500,
                        keep_checkpoints=3),
     },

@@ -143,9 +143,10 @@ class Trainer:
         weights = self.objective.step_fields(t)
         lr = self.scheduler.get_last_lr()[0]
         micro = []
-        for _ in range(config.grad_accum):
+        for i in range(config.grad_accum):
             with acc.accumulate(self.student):
-                loss, stats = micro_step(self.objective, self.student, next(self.data), t)
+                loss, stats = micro_step(self.objective, self.student, next(self.data), t,
+                                         last=i == config.grad_accum - 1)
                 acc.backward(loss)                      # accelerate divides by grad_accum
                 micro.append(stats)
         if not acc.sync_gradients:
@@ -159,14 +160,14 @@ class Trainer:
         self.step += 1
         self.samples_seen += self.samples_per_step
         self.consistent = True
-        adapted = self.objective.end_step(micro)
+        adapted = weights | self.objective.end_step(micro)
         summary = summarize(micro, acc, {"stop": stop_requested, "checkpoint_due": self.timer.due()})
         self.boundary_rng = rng_state()
         seconds = time.perf_counter() - started
         return {"step": self.step, "time": time.time(), "max_steps": config.steps, "lr": lr,
                 "loss": summary["loss"], "ce": summary["ce"], "gdkd": adapted["gdkd"], "kd": summary["kd"],
-                "rcka": summary["rcka"], "cka": summary["cka"], "beta": weights["beta"], "ema": adapted["ema"],
-                "tau": adapted["tau"], "kd_weight": weights["kd_weight"], "rcka_weight": weights["rcka_weight"],
+                "rcka": summary["rcka"], "cka": summary["cka"], "beta": adapted["beta"], "ema": adapted["ema"],
+                "tau": adapted["tau"], "kd_weight": adapted["kd_weight"], "rcka_weight": adapted["rcka_weight"],
                 "gate_mean": summary["gate_mean"], "gate_min": summary["gate_min"], "gate_max": summary["gate_max"],
                 "grad_norm": grad_norm,
                 "quant_scale": mean_quant_scale(self.student_core) if self.qat_modules else None,

@@ -8,7 +8,9 @@ r(t) = min(1, t / warmup), t the optimizer steps completed. CE is on answer toke
 the confidence-gated decoupled KD of the next-token distributions; L_RCKA = 1 - CKA of the image
 tokens' similarity structure at one decoder layer; beta_t comes from the adaptive IB controller:
 step t trains with beta_t, then the step's L_GDKD (averaged over its micro-batches and processes)
-updates the controller, whose beta_{t+1} the next step uses.
+updates the controller, whose beta_{t+1} the next step uses. With controller_update =
+"last_micro_batch" (the authors' code, and the qwen3vl-2b-paper preset) the update happens at the
+last micro-batch of step t instead, which already trains with beta_{t+1}; the others use beta_t.
 
 Every objective answers the same calls, so the loop knows none of this: `losses(student, batch, t)`
 -> (terms, weights, stats, logits) for one micro-batch, `step_fields(t)` (the weights a step uses, for the
@@ -75,9 +77,9 @@ class CEObjective:
     def attach(self):
         yield self
 
-    def losses(self, student, batch: dict, step: int) -> tuple[dict, dict, dict, torch.Tensor]:
-        """One micro-batch: the loss terms (tensors), their weights, raw statistics and the student's
-        answer-row logits."""
+    def losses(self, student, batch: dict, step: int, last: bool = True) -> tuple[dict, dict, dict, torch.Tensor]:
+        """One micro-batch (`last`: the last of its accumulation cycle): the loss terms (tensors), their
+        weights, raw statistics and the student's answer-row logits."""
         batch = dict(batch)
         labels = batch.pop("labels")
         keep, targets, sequence_labels = answer_rows(labels)
@@ -85,10 +87,10 @@ class CEObjective:
         logits = student(**inputs).logits                        # [N + 1, V]
         terms, weights = {"ce": distill.ce_loss(logits[:-1], targets)}, {"ce": 1.0}
         stats = {"tokens": int(targets.numel()), "input_tokens": int(batch["attention_mask"].sum())}
-        self.distill(inputs, logits, targets, sequence_labels, step, terms, weights, stats)
+        self.distill(inputs, logits, targets, sequence_labels, step, last, terms, weights, stats)
         return terms, weights, stats, logits
 
-    def distill(self, inputs, logits, targets, sequence_labels, step, terms, weights, stats) -> None:
+    def distill(self, inputs, logits, targets, sequence_labels, step, last, terms, weights, stats) -> None:
         """Add the objective's own terms (none for CE)."""
 
     def teacher_logits(self, inputs) -> torch.Tensor:
@@ -120,7 +122,7 @@ class KDObjective(CEObjective):
 
     name, uses_teacher = "kd", True
 
-    def distill(self, inputs, logits, targets, sequence_labels, step, terms, weights, stats) -> None:
+    def distill(self, inputs, logits, targets, sequence_labels, step, last, terms, weights, stats) -> None:
         teacher = self.teacher_logits(inputs)
         terms["kd"] = distill.kd_loss(logits[:-1], teacher[:-1], self.config.temperature)
         weights["kd"] = self.config.beta_init * ramp(step, self.config.kd_warmup)
@@ -141,6 +143,15 @@ class GraceObjective(CEObjective):
         self.image_token_id = student_core.config.image_token_id
         self.merge_size = student_core.config.vision_config.spatial_merge_size
         self.student_capture = self.teacher_capture = None
+        self.cycle: list[float] = []            # L_GDKD of this accumulation cycle's micro-batches so far
+        self.reduced: float | None = None       # their mean over the cycle and all processes, once taken
+        self.used: dict = {}                    # beta and GDKD weight of the latest micro-batch
+
+    def update_controller(self) -> None:
+        """Feed the controller the cycle's mean L_GDKD (over micro-batches and processes: every process
+        gets the same beta)."""
+        self.reduced = distill.reduce_for_controller(self.cycle, self.accelerator)
+        self.controller.update(self.reduced)
 
     @contextlib.contextmanager
     def attach(self):
@@ -155,13 +166,17 @@ class GraceObjective(CEObjective):
             finally:
                 self.student_capture = self.teacher_capture = None
 
-    def distill(self, inputs, logits, targets, sequence_labels, step, terms, weights, stats) -> None:
+    def distill(self, inputs, logits, targets, sequence_labels, step, last, terms, weights, stats) -> None:
         config = self.config
         teacher = self.teacher_logits(inputs)
         terms["gdkd"], gate = distill.gated_dkd_loss(logits[None], teacher[None], sequence_labels[None],
                                                      config.temperature, config.alpha, config.dkd_beta)
         stats.update({k: gate[k] for k in ("gate_mean", "gate_min", "gate_max")})
+        self.cycle.append(terms["gdkd"].item())
+        if last and config.controller_update == "last_micro_batch":
+            self.update_controller()               # this micro-batch already trains with beta_{t+1}
         weights["gdkd"] = self.controller.beta * ramp(step, config.kd_warmup)
+        self.used = {"beta": self.controller.beta, "kd_weight": weights["gdkd"]}
         terms["rcka"], rcka_stats = distill.rcka_loss(self.student_capture.output, self.teacher_capture.output,
                                                       inputs["input_ids"], inputs.get("image_grid_thw"),
                                                       self.image_token_id, self.merge_size)
@@ -176,9 +191,13 @@ class GraceObjective(CEObjective):
         return super().step_fields(step) | {"rcka_weight": self.config.omega * ramp(step, self.config.rcka_warmup)}
 
     def end_step(self, micro: list[dict]) -> dict:
-        gdkd = distill.reduce_for_controller([m["gdkd"] for m in micro], self.accelerator)
-        self.controller.update(gdkd)            # beta_{t+1}: used by the next step
-        return {"gdkd": gdkd, "ema": self.controller.ema, "tau": self.config.tau}
+        fields = {}
+        if self.config.controller_update == "after_step":
+            self.update_controller()            # beta_{t+1}: used by the next step
+        else:
+            fields = self.used                  # the last micro-batch trained with beta_{t+1}: log that one
+        gdkd, self.cycle, self.reduced = self.reduced, [], None
+        return fields | {"gdkd": gdkd, "ema": self.controller.ema, "tau": self.config.tau}
 
     def state_dict(self) -> dict:
         return self.controller.state_dict()
@@ -198,10 +217,11 @@ def build_objective(config: TrainConfig, student_core, teacher=None, accelerator
     return cls(config, student_core, teacher, accelerator)
 
 
-def micro_step(objective: CEObjective, student, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+def micro_step(objective: CEObjective, student, batch: dict, step: int, last: bool = True
+               ) -> tuple[torch.Tensor, dict]:
     """Forward one micro-batch; return (weighted loss for backward, raw values for the metrics).
     A term that comes out NaN / Inf sits out (counted in `nonfinite`); the others still train."""
-    terms, weights, stats, logits = objective.losses(student, batch, step)
+    terms, weights, stats, logits = objective.losses(student, batch, step, last)
     loss, nonfinite = None, 0
     for name, value in terms.items():
         stats[name] = value.item()

@@ -111,3 +111,24 @@ def test_objectives_that_need_a_teacher_refuse_to_start_without_one(tiny):
     _, student, _, acc = tiny
     with pytest.raises(ValueError, match="needs a teacher"):
         build_objective(config("kd"), student, None, acc)
+
+
+def test_controller_timing_after_the_step_or_at_the_last_micro_batch(tiny):
+    """after_step: both micro-batches of step t use beta_t, the cycle's mean moves beta afterwards.
+    last_micro_batch (the authors'): the second micro-batch already uses beta_{t+1} from that mean."""
+    teacher, student, batch, acc = tiny
+    results = {}
+    for timing in ("after_step", "last_micro_batch"):
+        objective = build_objective(config("grace", tau=0.0, eta=0.5, controller_update=timing), student, teacher,
+                                    acc)
+        with objective.attach():
+            first = objective.losses(student, batch, step=0, last=False)
+            second = objective.losses(student, batch, step=0, last=True)
+        mean = (first[0]["gdkd"].item() + second[0]["gdkd"].item()) / 2
+        fields = objective.end_step([first[2], second[2]])
+        results[timing] = (first[1]["gdkd"], second[1]["gdkd"], fields, objective.beta(), mean)
+    w1, w2, fields, beta, mean = results["after_step"]
+    assert w1 == w2 == 1.0 and beta == pytest.approx(1 + 0.5 * mean) and fields["gdkd"] == pytest.approx(mean)
+    w1, w2, fields, beta, mean = results["last_micro_batch"]
+    assert w1 == 1.0 and w2 == pytest.approx(1 + 0.5 * mean) and beta == pytest.approx(w2)
+    assert fields["beta"] == fields["kd_weight"] == pytest.approx(w2) and fields["gdkd"] == pytest.approx(mean)
