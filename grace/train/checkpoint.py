@@ -2,9 +2,11 @@
 
 checkpoint-<step>/ holds model.safetensors (the student), optimizer.pt, scheduler.pt, trainer_state.json
 (step, data stream position, objective state such as the controller, config) and rng_state_<rank>.pt.
+Under DeepSpeed, deepspeed/ (the engine's own checkpoint through accelerate's save_state: each
+process's ZeRO partition of the optimizer) replaces the model, optimizer and scheduler files.
 It is written to checkpoint-<step>.partial/ and renamed, so a crash never leaves a half checkpoint.
 
-Why not accelerate's save_state / load_state: load_state restores the RNG states inside a bare
+Why not accelerate's save_state / load_state otherwise: load_state restores the RNG states inside a bare
 `except Exception` (a failed restore only logs "Could not load random states" and the resumed run
 silently leaves the trajectory), and save_state snapshots the RNG at save time, while a checkpoint
 written after a failure must hold the states of the last step boundary. RNG states are stored as
@@ -25,6 +27,8 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .metrics import CHECKPOINT_PREFIX, PARTIAL_SUFFIX, STATE_FILE
+
+ENGINE_DIR = "deepspeed"     # under DeepSpeed: the engine's checkpoint, written by accelerate's save_state
 
 
 class CheckpointError(RuntimeError):
@@ -87,8 +91,8 @@ def _reason(err: BaseException) -> str:
 class Checkpointer:
     """Writes checkpoint-<step>/ under a run folder (through .partial and a rename); keeps the newest `keep`."""
 
-    def __init__(self, run_dir: Path, accelerator, keep: int):
-        self.run_dir, self.accelerator, self.keep = Path(run_dir), accelerator, keep
+    def __init__(self, run_dir: Path, accelerator, keep: int, deepspeed: bool = False):
+        self.run_dir, self.accelerator, self.keep, self.deepspeed = Path(run_dir), accelerator, keep, deepspeed
 
     def save(self, step: int, student, optimizer, scheduler, state: dict, rng: dict, sync: bool = True) -> Path:
         """Write the checkpoint of `step`; raise CheckpointError (after removing the partial folder)
@@ -102,10 +106,13 @@ class Checkpointer:
             if sync:
                 acc.wait_for_everyone()
             torch.save(rng, tmp / f"rng_state_{acc.process_index}.pt")
+            if self.deepspeed:      # every process writes its ZeRO partition (a collective)
+                acc.save_state(str(tmp / ENGINE_DIR))
             if acc.is_main_process:
-                save_model(student, str(tmp / "model.safetensors"))
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                if not self.deepspeed:
+                    save_model(student, str(tmp / "model.safetensors"))
+                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         except Exception as err:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -124,9 +131,22 @@ class Checkpointer:
             acc.wait_for_everyone()
         return final
 
+    def load_engine(self, path: Path) -> None:
+        """DeepSpeed: restore the engine (weights, optimizer partitions, schedule) after prepare, then
+        this process's RNG states again (load_state sets its own)."""
+        self.accelerator.load_state(str(Path(path) / ENGINE_DIR))
+        rng_file = Path(path) / f"rng_state_{self.accelerator.process_index}.pt"
+        set_rng_state(torch.load(rng_file if rng_file.is_file() else path / "rng_state_0.pt", weights_only=True))
+
     @staticmethod
-    def load(path: Path, student, optimizer, scheduler, process_index: int) -> dict:
-        """Restore student / optimizer / scheduler / this process's RNG; return trainer_state.json."""
+    def load(path: Path, student, optimizer, scheduler, process_index: int, engine_state: bool = True) -> dict:
+        """Restore student / optimizer / scheduler (unless `engine_state` is False: DeepSpeed restores
+        those after prepare) and this process's RNG; return trainer_state.json."""
+        rng_file = path / f"rng_state_{process_index}.pt"
+        set_rng_state(torch.load(rng_file if rng_file.is_file() else path / "rng_state_0.pt", weights_only=True))
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        if not engine_state:
+            return state
         device = next(student.parameters()).device
         missing, unexpected = load_model(student, str(path / "model.safetensors"), strict=False, device=str(device))
         if missing or unexpected:
@@ -134,9 +154,7 @@ class Checkpointer:
                              f"unexpected {unexpected[:3]}); were bits / group_size / student changed?")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-        rng_file = path / f"rng_state_{process_index}.pt"
-        set_rng_state(torch.load(rng_file if rng_file.is_file() else path / "rng_state_0.pt", weights_only=True))
-        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        return state
 
 
 class CheckpointTimer:

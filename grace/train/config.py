@@ -150,12 +150,14 @@ PRESETS = {
         "source": "the authors' Qwen3-VL-2B GRACE run: qwen-vl-finetune/scripts/finetune_qwen3vl_2b_grace.slurm "
                   "in github.com/ForeverBlue816/GRACE (8B teacher, 16 GPUs x 2 per device x 16 accumulation = "
                   "512 per step, DeepSpeed ZeRO-2, bf16; 1 epoch of ShareGPT4V mix665k, about 1 300 steps; the "
-                  "paper trains 3 epochs)",
+                  "paper trains 3 epochs). Several GPUs: accelerate launch --config_file "
+                  "grace/train/accelerate_zero2.yaml",
         "values": dict(bits=4, group_size=128, lr=1e-5, scale_lr=2e-4, weight_decay=1e-3, warmup_ratio=0.03,
                        min_lr_ratio=0.0, max_grad_norm=1.0, batch_size=2, grad_accum=16, steps=1300,
                        temperature=2.0, alpha=1.0, dkd_beta=4.0, omega=3.0, rcka_layer=-2, kd_warmup=0,
                        rcka_warmup=400, tau=3.0, eta=0.003, beta_init=0.5, beta_min=0.1, beta_max=1.0,
-                       ema_decay=0.99, controller_update="last_micro_batch", freeze_vision=True, train_merger=True, gradient_checkpointing=True,
+                       ema_decay=0.99, controller_update="last_micro_batch", freeze_vision=True, train_merger=True,
+                       gradient_checkpointing=True,
                        min_pixels=784, max_pixels=200_704, max_length=8192, num_workers=4, checkpoint_every=500,
                        keep_checkpoints=3),
     },

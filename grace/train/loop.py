@@ -25,6 +25,7 @@ import torch
 from .checkpoint import Checkpointer, CheckpointError, CheckpointTimer, find_checkpoint, rng_state
 from .config import RESUME_MAY_CHANGE, TrainConfig, TrainResult
 from .control import StopRequest, clear_stop_file
+from .deepspeed_zero import configure_deepspeed, uses_deepspeed
 from .metrics import METRICS_FILE, MetricsWriter, progress_line, read_metrics, summarize
 from .models import check_compatible, export_release, load_student, load_teacher
 from .objectives import build_objective, micro_step
@@ -57,6 +58,9 @@ class Trainer:
                                        mixed_precision="bf16" if self.cuda else "no",
                                        step_scheduler_with_optimizer=False)   # the schedule counts optimizer steps
         self.is_main = self.accelerator.is_main_process
+        self.deepspeed = uses_deepspeed(self.accelerator)
+        if self.deepspeed:
+            configure_deepspeed(self.accelerator.state.deepspeed_plugin, config.max_grad_norm)
         self.earlier = None
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -114,12 +118,14 @@ class Trainer:
         self.student, self.optimizer, loader, self.scheduler = acc.prepare(self.student_core, self.optimizer, loader,
                                                                            self.scheduler)
         self.data = iter(loader)
-        self.checkpointer = Checkpointer(self.out, acc, config.keep_checkpoints)
+        self.checkpointer = Checkpointer(self.out, acc, config.keep_checkpoints, self.deepspeed)
+        if self.deepspeed and self.resume_from is not None:
+            self.checkpointer.load_engine(self.resume_from)
         self.boundary_rng = rng_state()
 
     def restore(self, path: Path) -> None:
         state = Checkpointer.load(path, self.student_core, self.optimizer, self.scheduler,
-                                  self.accelerator.process_index)
+                                  self.accelerator.process_index, engine_state=not self.deepspeed)
         self.step = self.saved_step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
         self.objective.load_state_dict(state.get("controller"))
@@ -151,9 +157,10 @@ class Trainer:
                 micro.append(stats)
         if not acc.sync_gradients:
             raise RuntimeError("gradient accumulation is out of step with accelerate's counter")
-        grad_norm = float(acc.clip_grad_norm_(self.trainable, config.max_grad_norm or math.inf))
+        norm = acc.clip_grad_norm_(self.trainable, config.max_grad_norm or math.inf)
+        grad_norm = math.nan if norm is None else float(norm)      # None: DeepSpeed before its first step
         self.consistent = False
-        if math.isfinite(grad_norm):                    # a non-finite gradient skips the update
+        if math.isfinite(grad_norm):    # a non-finite gradient skips the update (DeepSpeed's engine decides itself)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

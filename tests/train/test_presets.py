@@ -52,7 +52,8 @@ def test_a_tiny_run_under_the_preset_keeps_beta_in_its_bounds(models, tmp_path):
     models: beta follows the rule and is clipped to [0.1, 1.0]; the merger trains, the rest of the vision
     tower does not; gradient checkpointing on."""
     config = TrainConfig.from_preset("qwen3vl-2b-paper", student=str(models["student"]),
-                                     teacher=str(models["teacher"]), data=str(models["data"]), out=str(tmp_path / "run"),
+                                     teacher=str(models["teacher"]), data=str(models["data"]),
+                                     out=str(tmp_path / "run"),
                                      steps=60, grad_accum=1, group_size=64, num_workers=0, lr=1e-3,
                                      checkpoint_every=1000, checkpoint_minutes=0)
     result = train(config)
