@@ -10,13 +10,13 @@ loop (the trainer), cli.
 """
 
 from .checkpoint import CheckpointError, find_checkpoint, read_checkpoint_config
-from .config import OBJECTIVES, TrainConfig, TrainResult
+from .config import OBJECTIVES, PRESETS, TrainConfig, TrainResult
 from .loop import train
 from .metrics import (CHECKPOINT_PREFIX, EXPORT_DIRS, FINAL_DIR, METRICS_FILE, STATE_FILE, STOP_FILE, MetricsReader,
                       RunMetrics, read_metrics)
 from .objectives import CEObjective, GraceObjective, KDObjective, build_objective
 
 __all__ = ["CHECKPOINT_PREFIX", "CEObjective", "CheckpointError", "EXPORT_DIRS", "FINAL_DIR", "GraceObjective",
-           "KDObjective", "METRICS_FILE", "MetricsReader", "OBJECTIVES", "RunMetrics", "STATE_FILE", "STOP_FILE",
-           "TrainConfig", "TrainResult", "build_objective", "find_checkpoint", "read_checkpoint_config",
+           "KDObjective", "METRICS_FILE", "MetricsReader", "OBJECTIVES", "PRESETS", "RunMetrics", "STATE_FILE",
+           "STOP_FILE", "TrainConfig", "TrainResult", "build_objective", "find_checkpoint", "read_checkpoint_config",
            "read_metrics", "train"]

@@ -238,8 +238,11 @@ class Trainer:
 
 
 def describe_error(err: BaseException) -> str:
-    """The end line's error: our own errors are already sentences; others keep their type for the log."""
-    return str(err) if isinstance(err, CheckpointError) else f"{type(err).__name__}: {err}"
+    """The end line's error: our own errors (bad data, a failed checkpoint) are already sentences;
+    others keep their type, which says more to whoever reads the log."""
+    from ..data.conversations import DataError
+
+    return str(err) if isinstance(err, (CheckpointError, DataError)) else f"{type(err).__name__}: {err}"
 
 
 def train(config: TrainConfig) -> TrainResult:

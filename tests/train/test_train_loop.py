@@ -184,6 +184,7 @@ def test_failure_writes_end_line_and_checkpoint(models, tmp_path):
         train(settings(models, tmp_path / "run", data=str(data), batch_size=1, bits=16, steps=10))
     end = read_lines(tmp_path / "run")[-1]
     assert end["event"] == "end" and end["outcome"] == "failed" and "missing.png" in end["error"]
+    assert "DataError" not in end["error"]                   # a sentence, not an exception name
     assert end["step"] == 1 and (tmp_path / "run" / "checkpoint-1" / "model.safetensors").is_file()
 
 
