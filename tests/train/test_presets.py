@@ -3,13 +3,12 @@
 import math
 
 import pytest
-from safetensors import safe_open
 
 from grace.train import train
 from grace.train.cli import build_parser, config_from_args, main
 from grace.train.config import PRESETS, TrainConfig
 
-from train_helpers import read_lines, steps_of
+from train_helpers import read_lines, steps_of, tensors
 
 # The values of finetune_qwen3vl_2b_grace.slurm (ForeverBlue816/GRACE), written out here once more on purpose.
 AUTHORS = dict(lr=1e-5, scale_lr=2e-4, weight_decay=1e-3, warmup_ratio=0.03, min_lr_ratio=0.0, max_grad_norm=1.0,
@@ -68,10 +67,6 @@ def test_a_tiny_run_under_the_preset_keeps_beta_in_its_bounds(models, tmp_path):
     # The tiny models' L_GDKD sits far below tau = 3 (in these units), so beta falls to its floor and stays.
     assert min(betas) == 0.1 and betas[-1] == 0.1 and max(s["gdkd"] for s in steps) < 3.0
     assert steps[0]["lr"] == pytest.approx(1e-3 / 2)            # warm-up: ceil(0.03 * 60) = 2 steps
-
-    def tensors(path):
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
 
     source = tensors(models["student"] / "model.safetensors")
     final = tensors(result.out / "final" / "model.safetensors")

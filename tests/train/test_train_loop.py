@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import grace
 from grace.chat import GenerationSettings, answer
@@ -18,7 +17,7 @@ from grace.train import train
 from grace.train.loop import cosine_schedule
 from grace.train.sampler import ResumableSampler
 
-from train_helpers import STEP_KEYS, read_lines, settings, steps_of
+from train_helpers import STEP_KEYS, read_lines, settings, steps_of, tensors
 
 
 def expected_lr(peak: float, step: int, warmup: int, total: int, floor: float) -> float:
@@ -112,10 +111,6 @@ def test_outputs_load_and_generate(grace_run, models):
 
 def test_teacher_stays_out_and_vision_stays_frozen(grace_run, models):
     _, result = grace_run
-
-    def tensors(path):
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
 
     source = tensors(models["student"] / "model.safetensors")
     final = tensors(result.out / "final" / "model.safetensors")

@@ -29,3 +29,11 @@ def read_lines(out) -> list[dict]:
 
 def steps_of(lines) -> list[dict]:
     return [line for line in lines if line["event"] == "step"]
+
+
+def tensors(path) -> dict:
+    """Every tensor of a safetensors file, by name."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
