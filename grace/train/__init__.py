@@ -9,6 +9,9 @@ metrics (the run folder's names, metrics.jsonl writer and reader), control (stop
 loop (the trainer), cli.
 """
 
+import sys
+import types
+
 from .checkpoint import CheckpointError, find_checkpoint, read_checkpoint_config
 from .config import OBJECTIVES, PRESETS, TrainConfig, TrainResult
 from .loop import train
@@ -20,3 +23,15 @@ __all__ = ["CHECKPOINT_PREFIX", "CEObjective", "CheckpointError", "EXPORT_DIRS",
            "KDObjective", "METRICS_FILE", "MetricsReader", "OBJECTIVES", "PRESETS", "RunMetrics", "STATE_FILE",
            "STOP_FILE", "TrainConfig", "TrainResult", "build_objective", "find_checkpoint", "read_checkpoint_config",
            "read_metrics", "train"]
+
+
+class _CallableModule(types.ModuleType):
+    """`grace.train` is this package and runs a training when called, so that `grace.train(config)` and
+    `grace.train.metrics` (or `import grace.train.metrics as m`) both work: a function of the same name
+    would hide the package."""
+
+    def __call__(self, config: TrainConfig) -> TrainResult:
+        return train(config)
+
+
+sys.modules[__name__].__class__ = _CallableModule

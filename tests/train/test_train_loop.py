@@ -223,3 +223,30 @@ def test_gradient_checkpointing_changes_memory_not_the_trajectory(models, tmp_pa
     for a, b in zip(plain, recomputed):
         for key in ("loss", "ce", "gdkd", "rcka", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+
+
+def test_grace_train_is_the_package_and_runs_when_called(models, tmp_path):
+    """grace.train(TrainConfig(...)) runs a training, and grace.train.<module> stays reachable in every import
+    style (a function named like the package would hide it)."""
+    import sys
+
+    import grace.train.metrics as metrics
+
+    assert grace.train is sys.modules["grace.train"] and metrics.METRICS_FILE == "metrics.jsonl"
+    result = grace.train(settings(models, tmp_path / "run", teacher="none", bits=16, steps=1))
+    assert result.outcome == "finished" and result.step == 1
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_trainer(models, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "1", "-m",
+               "grace", "train", "--student", str(models["student"]), "--teacher", "none", "--bits", "16",
+               "--steps", "2", "--batch-size", "1", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert read_lines(out)[-1] | {"outcome": "finished", "step": 2} == read_lines(out)[-1]
