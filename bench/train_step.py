@@ -2,8 +2,8 @@
 
 Same teacher, same student, same batch; both students train from the same weights with their own
 optimizer. Steps alternate (GRACE, KD, GRACE, KD, ...) so machine noise hits both alike; the
-medians are compared. The step is the trainer's own: grace.trainer.micro_step, backward, clip,
-AdamW step (and the controller update for GRACE). Target: GRACE <= 1.3x KD.
+medians are compared. The step is the trainer's own: grace.train.objectives.micro_step over the
+objective class, backward, clip, AdamW step and the objective's end_step (GRACE: the controller update). Target: GRACE <= 1.3x KD.
 
     python bench/train_step.py [--batch 16] [--steps 20] [--threads 1] [--bits 4]
 """
@@ -33,10 +33,10 @@ def main() -> None:
 
     from grace.data.conversations import Collator
     from grace.data.shapes import ShapesStream
-    from grace.distill import (AdaptiveIBController, QATConfig, apply_qat, capture_layer_output, freeze_vision,
-                               qat_param_groups)
+    from grace.distill import QATConfig, apply_qat, freeze_vision, qat_param_groups
     from grace.tiny import TinyConfig, tiny_qwen3vl
-    from grace.trainer import Run, TrainConfig, micro_step, resolve_layer
+    from grace.train.config import TrainConfig
+    from grace.train.objectives import build_objective, micro_step
 
     # The zoo's shapes: teacher at TinyConfig's defaults, a narrower student; 64x64 images (4 image tokens).
     teacher, processor = tiny_qwen3vl(1, TinyConfig())
@@ -55,31 +55,25 @@ def main() -> None:
                              rcka_warmup=0, group_size=64)
         model = copy.deepcopy(student)
         optimizer = torch.optim.AdamW(qat_param_groups(model, 1e-4, 1e-4, 0.0))
-        run = Run(config, objective, accelerator, model, teacher, model.config.image_token_id,
-                  model.config.vision_config.spatial_merge_size)
-        controller = AdaptiveIBController(config.tau, config.eta, config.beta_init, config.beta_min, config.beta_max)
-        return run, optimizer, controller
+        return model, optimizer, build_objective(config, model, teacher, accelerator)
 
-    def step(run, optimizer, controller) -> float:
+    def step(model, optimizer, objective) -> float:
         start = time.perf_counter()
-        loss, stats = micro_step(dict(batch), run, controller.beta, step=10**6)
+        loss, stats = micro_step(objective, model, batch, step=10**6)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in run.student.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if run.objective == "grace":
-            controller.update(stats["gdkd"])
+        objective.end_step([stats])
         return time.perf_counter() - start
 
-    grace_run, grace_opt, grace_ctl = setup("grace")
-    kd_run, kd_opt, kd_ctl = setup("kd")
+    runs = {"grace": setup("grace"), "kd": setup("kd")}
     times = {"grace": [], "kd": []}
     with ExitStack() as stack:
-        grace_run.student_capture = stack.enter_context(
-            capture_layer_output(grace_run.student, resolve_layer(grace_run.student, -2)))
-        grace_run.teacher_capture = stack.enter_context(capture_layer_output(teacher, resolve_layer(teacher, -2)))
+        for _, _, objective in runs.values():
+            stack.enter_context(objective.attach())
         for i in range(args.steps + 2):
-            for name, parts in (("grace", (grace_run, grace_opt, grace_ctl)), ("kd", (kd_run, kd_opt, kd_ctl))):
+            for name, parts in runs.items():
                 seconds = step(*parts)
                 if i >= 2:
                     times[name].append(seconds)

@@ -43,7 +43,7 @@ def trainer_defaults() -> dict[str, float]:
     try:
         import dataclasses
 
-        from grace.trainer import TrainConfig
+        from grace.train import TrainConfig
 
         fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         return {name: float(fields.get(name, value)) for name, value in FALLBACK_DEFAULTS.items()}

@@ -17,7 +17,8 @@ from .checkpoint_info import CheckpointInfo, inspect
 from .export import export_awq, export_int8, save_packed, save_plain, save_qat_release
 from .load import LoadedModel, load
 from .quant import Int4Linear, Int4WeightOnlyConfig, Int8Linear, Int8WeightOnlyConfig, quantize_
-from .trainer import TrainConfig, TrainResult, train
+from . import train   # the package, callable: grace.train(TrainConfig(...)) runs a training
+from .train import TrainConfig, TrainResult
 from .evaluation import EvalResult, evaluate
 
 __all__ = ["GraceLoadError", "CheckpointInfo", "inspect", "LoadedModel", "load", "export_awq", "export_int8",

@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "chat": ("grace.chat_cli", "ask a model about an image from the terminal (streams the answer)"),
     "export": ("grace.export", "convert a GRACE QAT release to the AWQ INT4 or packed INT8 layout"),
-    "train": ("grace.trainer", "run GRACE distillation (CE + gated DKD + RCKA + IB controller, QAT)"),
+    "train": ("grace.train.cli", "run GRACE distillation (CE + gated DKD + RCKA + IB controller, QAT)"),
     "eval": ("grace.evaluation", "accuracy on the seven release benchmarks (or shapes), re-scoring, prompts, agreement"),
     "zoo": ("grace.zoo", "rebuild the offline GRACE zoo in assets/zoo"),
 }

@@ -101,7 +101,8 @@ class ZooBuilder:
         tmp.replace(self.record_path)
 
     def _train(self, name: str, **overrides) -> "object":
-        from .trainer import TrainConfig, train
+        from .train import METRICS_FILE, TrainConfig, train
+        from .train.checkpoint import checkpoint_dirs
 
         r = self.recipe
         run_dir = self.work / "runs" / name
@@ -109,7 +110,7 @@ class ZooBuilder:
                     adam_betas=r.adam_betas, weight_decay=r.weight_decay, min_lr_ratio=r.min_lr_ratio,
                     seed=r.seed, checkpoint_every=r.checkpoint_every, log_every=100, max_grad_norm=1.0)
         base.update(overrides)
-        if (run_dir / "metrics.jsonl").is_file() and any(run_dir.glob("checkpoint-*")):
+        if (run_dir / METRICS_FILE).is_file() and checkpoint_dirs(run_dir):
             base["resume"] = str(run_dir)      # an interrupted earlier build: continue its trajectory
         return train(TrainConfig(**base))
 

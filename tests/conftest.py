@@ -1,8 +1,13 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tests live in folders that mirror the source (tests/train/, tests/distill/, ...); their shared helpers
+# (alt_shapes.py, app_server.py, ...) stay in tests/ and import from there wherever a test sits.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FIXTURES = Path(os.environ.get("GRACE_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 CHECKPOINTS = {

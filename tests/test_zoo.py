@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import grace
+from grace.data.shapes import QUESTION_TYPES
 from grace.evaluation import evaluate
 from grace.zoo import DEFAULT_OUT, VARIANTS, build_zoo
 
@@ -31,8 +32,9 @@ def test_reduced_zoo_rebuilds_end_to_end(tmp_path):
         assert loaded.kind == KINDS[name], name
         assert loaded.format == FORMATS.get(name, "plain"), name
         card = (folder / "README.md").read_text()
-        assert "accuracy" in card and "grace.load" in card
-        assert 0.0 <= record["stages"][name]["accuracy"] <= 1.0
+        stage = record["stages"][name]
+        assert "grace.load" in card and f"({stage['n']} questions, greedy): {stage['accuracy']:.3f}" in card
+        assert stage["n"] == 10 and set(stage["per_type"]) <= set(QUESTION_TYPES)
     written = json.loads((tmp_path / "zoo" / "zoo.json").read_text())
     assert written["stages"]["teacher"]["cpu_s"] > 0
     # a second build finds every stage done and rebuilds nothing

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from .cka import cka_of_centered
 
 MIN_IMAGE_TOKENS = 4   # fewer tokens give a near-degenerate Gram matrix; such images are skipped
+# An image whose tokens all point the same way (centred Gram ~ 0, e.g. a blank picture through a
+# collapsed layer) has no similarity structure: 0 / 0. It is skipped alone, not the whole term.
+DEGENERATE_SPREAD = 1e-6   # mean squared distance of the unit-normalised tokens from their mean
 
 
 def rcka_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, input_ids: torch.Tensor,
@@ -30,8 +33,9 @@ def rcka_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, input_
     Computed in fp32; only the student gets a gradient.
 
     Returns (loss, stats), stats = {"cka": mean CKA, "cka_per_image": [float, ...] for the
-    images used, "images": how many were used}. With no usable image the loss is a zero that
-    still depends on the student hidden states, and "cka" is NaN.
+    images used, "images": how many were used, "degenerate": images skipped because their tokens
+    (student's or teacher's) all coincide, so that their CKA would be 0 / 0}. With no usable image
+    the loss is a zero that still depends on the student hidden states, and "cka" is NaN.
     """
     if student_hidden.shape[:2] != input_ids.shape or teacher_hidden.shape[:2] != input_ids.shape:
         raise ValueError(f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} do not "
@@ -45,17 +49,29 @@ def rcka_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, input_
 
     student_rows = student_hidden[is_image]
     teacher_rows = teacher_hidden.detach()[is_image]
-    ckas = []
+    ckas, degenerate = [], 0
     for student_image, teacher_image in zip(student_rows.split(per_image), teacher_rows.split(per_image)):
-        if student_image.shape[0] >= MIN_IMAGE_TOKENS:
-            ckas.append(cosine_gram_cka(student_image, teacher_image))
+        if student_image.shape[0] < MIN_IMAGE_TOKENS:
+            continue
+        if is_degenerate(student_image) or is_degenerate(teacher_image):
+            degenerate += 1
+            continue
+        ckas.append(cosine_gram_cka(student_image, teacher_image))
     if not ckas:
         zero = student_hidden.sum().float() * 0.0
-        return zero, {"cka": float("nan"), "cka_per_image": [], "images": 0}
+        return zero, {"cka": float("nan"), "cka_per_image": [], "images": 0, "degenerate": degenerate}
     cka = torch.stack(ckas)
     loss = (1.0 - cka).mean()
     values = cka.detach().tolist()
-    return loss, {"cka": sum(values) / len(values), "cka_per_image": values, "images": len(values)}
+    return loss, {"cka": sum(values) / len(values), "cka_per_image": values, "images": len(values),
+                  "degenerate": degenerate}
+
+
+@torch.no_grad()
+def is_degenerate(features: torch.Tensor) -> bool:
+    """True when an image's unit-normalised token features (nearly) coincide: no structure to align."""
+    unit = F.normalize(features.float(), dim=-1)
+    return bool((unit - unit.mean(0, keepdim=True)).square().sum(-1).mean() < DEGENERATE_SPREAD)
 
 
 def cosine_gram_cka(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

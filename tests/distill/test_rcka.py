@@ -177,3 +177,21 @@ def test_rcka_on_tiny_qwen3vl_image_batch(tiny_pair):
     assert stats["images"] == 2 and 0.0 < stats["cka"] < 1.0
     loss.backward()
     assert student.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("collapsed", ["teacher", "student"])
+def test_a_degenerate_image_is_skipped_alone(collapsed):
+    """One image whose tokens all coincide (any scale) has no structure: it is left out and counted,
+    and the others give the loss they give without it, instead of a NaN for the whole term."""
+    student, teacher, input_ids, grid_thw = build_batch(5, [[1, 4, 4], [1, 4, 6], [1, 4, 4]], [3])
+    _, reference = rcka_loss(student, teacher, input_ids, grid_thw, IMAGE, merge_size=2)
+    positions = (input_ids[0] == IMAGE).nonzero().squeeze(1)
+    second = positions[4:10]                                   # the second image's 6 tokens
+    broken = {"teacher": teacher.clone(), "student": student.clone()}
+    target = broken[collapsed]
+    target[0, second] = target[0, second[0]] * torch.arange(1.0, 7.0)[:, None]   # one direction, six lengths
+    loss, stats = rcka_loss(broken["student"], broken["teacher"], input_ids, grid_thw, IMAGE, merge_size=2)
+    kept = [reference["cka_per_image"][0], reference["cka_per_image"][2]]
+    assert stats["degenerate"] == 1 and stats["images"] == 2 and reference["degenerate"] == 0
+    assert stats["cka_per_image"] == pytest.approx(kept, rel=1e-5)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(1 - sum(kept) / 2, rel=1e-5)
