@@ -99,7 +99,7 @@ def save_llava_hf_awq(loaded, out_dir) -> Path:
     head = model.lm_head
     rows = model.config.text_config.vocab_size
     config = model.config.to_dict()
-    for key in ("original_vocab_size", "image_aspect_ratio", "mm_vision_tower"):
+    for key in ("original_vocab_size", "image_aspect_ratio", "mm_vision_tower", "vision_tower_path"):
         config.pop(key, None)
     if head.out_features != rows:   # give the placeholder its lm_head row, as llava-hf does
         padded = torch.nn.Linear(head.in_features, rows, bias=False, dtype=head.weight.dtype)

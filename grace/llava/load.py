@@ -78,6 +78,7 @@ def load_llava(folder: Path, source, config_dict: dict, *, device, dtype, packed
                              "(plain, GRACE QAT and GRACE AWQ are)")
     tower = towers.read(towers.locate(config_dict, vision_tower))
     config = llava_config(config_dict, tower.config, folder)
+    config.vision_tower_path = str(tower.path)   # where this copy's tower came from (a trained student's export)
     processor = build_processor(folder, config, tower.preprocessor)
     tensors = _rename_tensors(read_tensors(safetensors_files(folder)), folder)
     tensors.update(towers.weights(tower))

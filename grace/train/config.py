@@ -22,6 +22,8 @@ class TrainConfig:
     student: str = field(metadata={"help": "student checkpoint: any source grace.load reads (a QAT release loads "
                                            "unpacked)"})
     teacher: str | None = opt(None, "teacher checkpoint (frozen), or none for CE only")
+    vision_tower: str | None = opt(None, "LLaVA only: folder of the CLIP tower student and teacher name (offline, "
+                                         "mirrors); else $GRACE_VISION_TOWER, else the Hub")
     out: str | None = opt(None, "run folder (default with --resume: the resumed run's folder)")
     data: str = opt("shapes", "'shapes' (endless synthetic stream) or a LLaVA/ShareGPT4V conversation JSON")
     bits: Literal[4, 8, 16] = opt(4, "student weight bits: 4 or 8 (QAT, group-wise) or 16 (no quantization)")

@@ -15,20 +15,22 @@ def load_student(config: TrainConfig, device: torch.device | str):
     """The student in fp32 (master weights; bf16 autocast on GPU), vision frozen, QAT applied.
     Returns (LoadedModel, QATConfig, names of the fake-quantized modules)."""
     from ..distill import QATConfig, apply_qat, freeze_vision
+    from ..llava import training as arch   # what differs between Qwen3-VL and LLaVA-1.5
     from ..load import load
 
-    loaded = load(config.student, device=device, dtype=torch.float32, packed=False)
+    loaded = load(config.student, device=device, dtype=torch.float32, packed=False, vision_tower=config.vision_tower)
     if loaded.quantized_modules:
         raise ValueError(f"student {config.student} is a packed {loaded.kind} ({loaded.format}) checkpoint, which "
                          "cannot be trained; start from a bf16 checkpoint or a GRACE QAT release")
     model = loaded.model
     if config.freeze_vision:
-        freeze_vision(model)
+        freeze_vision(model, arch.vision_keyword(model))
         if config.train_merger:
             for name, param in model.named_parameters():
-                if "merger" in name:          # visual.merger and the deepstack mergers
+                if arch.projector_keyword(model) in name:   # visual.merger and the deepstack mergers; LLaVA's projector
                     param.requires_grad_(True)
-    qat = QATConfig(bits=config.bits, group_size=config.group_size)
+    qat = QATConfig(bits=config.bits, group_size=config.group_size,
+                    skip_keywords=arch.qat_skip_keywords(model, QATConfig.skip_keywords))
     qat_modules = apply_qat(model, qat)
     if loaded.format == "grace-qat":
         start_from_release_scales(model, loaded.path, qat)
@@ -71,9 +73,11 @@ def start_from_release_scales(model, folder: Path, qat) -> None:
         print(f"student {folder} was released with {released.get('bits')} bits, group {released.get('group_size')}; "
               f"training {qat.bits} bits, group {qat.group_size} starts from fresh step sizes", file=sys.stderr)
         return
+    from ..llava.training import release_name
+
     sidecar = read_sidecar(folder / QAT_SIDECAR) if (folder / QAT_SIDECAR).is_file() else {}
     for name, module in fake_quant_modules(model).items():
-        log_scale = sidecar.get(name + ".log_scale")
+        log_scale = sidecar.get(release_name(model, name) + ".log_scale")
         if log_scale is not None:
             module.log_scale.copy_(log_scale.reshape(module.log_scale.shape))
 
@@ -83,7 +87,7 @@ def load_teacher(config: TrainConfig, device: torch.device | str):
     from ..load import load
 
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    loaded = load(config.teacher, device=device, dtype=dtype)
+    loaded = load(config.teacher, device=device, dtype=dtype, vision_tower=config.vision_tower)
     loaded.model.eval().requires_grad_(False)
     return loaded
 
@@ -102,7 +106,7 @@ def check_compatible(teacher, student) -> None:
     if t_cfg.image_token_id != s_cfg.image_token_id:
         problems.append(f"image_token_id {t_cfg.image_token_id} (teacher) vs {s_cfg.image_token_id}")
     for key in ("patch_size", "temporal_patch_size", "spatial_merge_size"):
-        t_val, s_val = getattr(t_cfg.vision_config, key), getattr(s_cfg.vision_config, key)
+        t_val, s_val = getattr(t_cfg.vision_config, key, None), getattr(s_cfg.vision_config, key, None)
         if t_val != s_val:
             problems.append(f"vision {key} {t_val} (teacher) vs {s_val}")
     if problems:
@@ -115,8 +119,23 @@ def export_release(student, processor, qat_config, bits: int, out: Path) -> dict
     from ..export import export_awq, export_int8, save_plain, save_qat_release
     from .metrics import EXPORT_DIRS, FINAL_DIR
 
+    if student.config.model_type == "llava":
+        return _export_llava_release(student, processor, qat_config, bits, out)
     if bits == 16:
         return {"final": save_plain(student, processor, out / FINAL_DIR)}
     final = save_qat_release(student, processor, out / FINAL_DIR, qat_config)
     exporter = export_awq if bits == 4 else export_int8
     return {"final": final, "export": exporter(final, out / EXPORT_DIRS[bits])}
+
+
+def _export_llava_release(student, processor, qat_config, bits: int, out: Path) -> dict:
+    """A LLaVA student: final/ in the GRACE LLaVA QAT release layout, export-awq/ as the LLaVA AWQ release."""
+    from ..export import export_awq
+    from ..llava.export import save_llava_qat_release
+    from .metrics import EXPORT_DIRS, FINAL_DIR
+
+    if bits != 4:
+        raise ValueError(f"LLaVA students are released at 4 bits (the GRACE LLaVA layouts); got bits={bits}")
+    final = save_llava_qat_release(student, processor, out / FINAL_DIR, qat_config)
+    tower = getattr(student.config, "vision_tower_path", None)
+    return {"final": final, "export": export_awq(final, out / EXPORT_DIRS[bits], vision_tower=tower)}

@@ -27,6 +27,7 @@ import torch
 
 from .. import distill
 from ..data.conversations import IGNORE_INDEX
+from ..llava.training import rcka_image_grid
 from .config import TrainConfig
 
 
@@ -141,7 +142,6 @@ class GraceObjective(CEObjective):
         self.controller = distill.AdaptiveIBController(config.tau, config.eta, config.beta_init, config.beta_min,
                                                        config.beta_max, config.ema_decay)
         self.image_token_id = student_core.config.image_token_id
-        self.merge_size = student_core.config.vision_config.spatial_merge_size
         self.student_capture = self.teacher_capture = None
         self.cycle: list[float] = []            # L_GDKD of this accumulation cycle's micro-batches so far
         self.reduced: float | None = None       # their mean over the cycle and all processes, once taken
@@ -177,9 +177,9 @@ class GraceObjective(CEObjective):
             self.update_controller()               # this micro-batch already trains with beta_{t+1}
         weights["gdkd"] = self.controller.beta * ramp(step, config.kd_warmup)
         self.used = {"beta": self.controller.beta, "kd_weight": weights["gdkd"]}
+        grid, merge_size = rcka_image_grid(self.student_core, inputs)   # Qwen3-VL's grid, or LLaVA's fixed count
         terms["rcka"], rcka_stats = distill.rcka_loss(self.student_capture.output, self.teacher_capture.output,
-                                                      inputs["input_ids"], inputs.get("image_grid_thw"),
-                                                      self.image_token_id, self.merge_size)
+                                                      inputs["input_ids"], grid, self.image_token_id, merge_size)
         stats["cka"] = rcka_stats["cka"]
         weights["rcka"] = config.omega * ramp(step, config.rcka_warmup)
         self.student_capture.output = self.teacher_capture.output = None      # free them before backward

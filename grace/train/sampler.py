@@ -48,10 +48,10 @@ def build_dataset(data: str, seed: int, image_size: int, image_root: str | None 
 
 def build_loader(dataset, processor, batch_size: int, seed: int, start: int, max_length: int | None = None,
                  num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """Batches of the stream from sample position `start` on, collated for Qwen3-VL."""
-    from ..data.conversations import Collator
+    """Batches of the stream from sample position `start` on, collated for the processor's model."""
+    from ..llava.training import collator
 
     size = len(dataset) if hasattr(dataset, "__len__") else None
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                                        sampler=ResumableSampler(size, seed, start),
-                                       collate_fn=Collator(processor, max_length))
+                                       collate_fn=collator(processor, max_length))
