@@ -7,8 +7,8 @@ import torch
 
 import grace
 from grace import GraceLoadError
+from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
-from conftest import copy_fixture
 
 
 def edit_config(folder, **entries):

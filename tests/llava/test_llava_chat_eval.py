@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import grace
 from grace.chat import GenerationSettings, answer
 from grace.evaluation import EvalItem, build_prompt
+from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
 
 def test_cli_chat_answers_the_greedy_reference(fixtures_dir, tmp_path):

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import grace
+from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import grace
 from grace.chat import build_inputs
 from grace.llava.tiny import TinyLlavaConfig, original_tensors, save_original, save_tower, tiny_llava
 from grace.quant import awq_pack
+from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
 CONFIGS = {
     "gqa-wide-seed3": (3, TinyLlavaConfig(hidden=256, layers=3, intermediate=384, heads=8, kv_heads=2, vision_hidden=48,

@@ -9,6 +9,7 @@ from transformers import LlavaForConditionalGeneration
 import grace
 from grace.chat import build_inputs
 from grace.llava.tiny import TinyLlavaConfig, tiny_llava
+from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
 
 @pytest.mark.parametrize("naming", ["as-saved", "transformers-4", "in-memory"])

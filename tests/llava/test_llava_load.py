@@ -11,8 +11,8 @@ from transformers import LlavaForConditionalGeneration
 import grace
 from grace.chat import build_inputs
 from grace.quant import Int4Linear
+from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
-from conftest import LLAVA_FIXTURES
 
 
 def reference(folder, processor):
@@ -107,8 +107,6 @@ def test_chat_answers_with_the_vicuna_prompt(fixtures_dir, clip_tiny):
 
 def test_qat_release_without_its_sidecar_infers_the_grid(fixtures_dir, clip_tiny, tmp_path):
     """Without qat_quantized_weights.bin the steps come from the bf16 grid itself; only the LM linears are INT4."""
-    from conftest import copy_fixture
-
     folder = copy_fixture(fixtures_dir, "llava-tiny-grace-w4g128-qat", tmp_path)
     (folder / "qat_quantized_weights.bin").unlink()
     loaded = grace.load(folder, device="cpu", dtype=torch.float32, vision_tower=clip_tiny)
@@ -123,8 +121,6 @@ def test_qat_release_without_its_sidecar_infers_the_grid(fixtures_dir, clip_tiny
 def test_awq_release_sharded_and_named_llava(fixtures_dir, clip_tiny, tmp_path):
     """The AWQ release as the model card lists it (shards + index), with model_type "llava" as liuhaotian's is."""
     from safetensors.torch import save_file
-
-    from conftest import copy_fixture
 
     folder = copy_fixture(fixtures_dir, "llava-tiny-grace-w4g128-awq", tmp_path)
     tensors = load_file(folder / "model.safetensors")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import grace
 from grace.chat import build_inputs, build_messages
 from grace.llava.processor import VICUNA_V1_SYSTEM
+from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 import grace
 from grace.llava.tiny import TinyLlavaConfig, save_tiny_llava_pair
 from grace.train import TrainConfig, train
+from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
 
 def test_tiny_llava_w4_grace_run(tmp_path):

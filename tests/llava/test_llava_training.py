@@ -10,6 +10,7 @@ from grace.distill.hidden import capture_layer_output, decoder_layers
 from grace.llava.export import save_llava_qat_release
 from grace.llava.tiny import TinyLlavaConfig, save_tiny_llava_pair, tiny_llava
 from grace.llava.training import (QAT_SKIP_KEYWORDS, VISION_KEYWORD, LlavaCollator, image_grid, tokens_per_image)
+from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
 RECORDS = [{"id": 0, "image": Image.new("RGB", (60, 40), "red"),
             "conversations": [{"from": "human", "value": "<image>\nWhat color is the square?"},

@@ -1,3 +1,5 @@
+"""Shared by the LLaVA tests (imported by name: a conftest.py here would shadow tests/conftest.py as `conftest`)."""
+
 import shutil
 
 import pytest
