@@ -201,3 +201,15 @@ def test_awq_tensors_under_a_gptq_config_are_refused(fixtures_dir, tmp_path):
 def test_inspect_counts_the_packed_linears(fixtures_dir, name, fmt):
     info = grace.inspect(fixtures_dir / name)
     assert (info.format, info.kind, info.bits, info.group_size, info.quantized_modules) == (fmt, "int4", 4, 128, 14)
+
+
+def test_desc_act_with_contiguous_g_idx_is_read(fixtures_dir, tmp_path):
+    """desc_act alone is no reason to refuse: a g_idx of contiguous groups is still the plain layout."""
+    folder = copy_fixture(fixtures_dir, "qwen3vl-tiny-autoround-gptq", tmp_path)
+    edit_config(folder, desc_act=True)
+    loaded = grace.load(folder, device="cpu", dtype=torch.float32)
+    expected = load_file(folder / "expected.safetensors")
+    meta = json.loads((folder / "expected.json").read_text())
+    inputs = build_inputs(loaded.processor, Image.open(folder / meta["image"]), meta["prompt"])
+    with torch.no_grad():
+        assert (loaded.model(**inputs).logits[0] - expected["logits"]).abs().max().item() < 1e-3
