@@ -54,10 +54,17 @@ def llava_hf_to_hf(name: str) -> str:
     return _rename(name, LLAVA_HF_V4_TO_HF) or name
 
 
+# a CLIPVisionModel saved by transformers 5 has no `vision_model.` level
+CLIP_VISION_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+
+
 def vision_tower_to_hf(name: str) -> str | None:
-    """A CLIP checkpoint's `vision_model.*` tensor -> the LLaVA model's (None: not part of the vision tower)."""
+    """A CLIP checkpoint's vision tensor (`vision_model.*`, or bare in a CLIPVisionModel saved by transformers 5)
+    -> the LLaVA model's name (None: not part of the vision tower, e.g. the text tower or the projections)."""
     if name.startswith(CLIP_VISION_PREFIX):
         return "model.vision_tower." + name[len(CLIP_VISION_PREFIX):]
+    if name.startswith(CLIP_VISION_PARTS):
+        return "model.vision_tower." + name
     return None
 
 

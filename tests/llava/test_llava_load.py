@@ -145,3 +145,17 @@ def test_inspect_agrees_with_load(fixtures_dir, name, fmt):
     info = grace.inspect(fixtures_dir / name)     # JSON only: no vision tower needed
     assert (info.format, info.kind, info.bits, info.group_size) == (fmt, "int4", 4, 128)
     assert info.architecture == "LlavaForConditionalGeneration" and info.quantized_modules == 14
+
+
+def test_vision_tower_saved_by_transformers_as_a_clip_vision_model(fixtures_dir, clip_tiny, tmp_path):
+    """A mirror made with CLIPVisionModel.save_pretrained (transformers 5 writes no `vision_model.` level)."""
+    from transformers import CLIPVisionModel
+
+    folder = fixtures_dir / "llava-tiny-grace-w4g128-awq"
+    tower = CLIPVisionModel.from_pretrained(clip_tiny)
+    tower.save_pretrained(tmp_path / "clip-vision")
+    (tmp_path / "clip-vision" / "preprocessor_config.json").write_bytes((clip_tiny / "preprocessor_config.json").read_bytes())
+    loaded = grace.load(folder, device="cpu", dtype=torch.float32, vision_tower=tmp_path / "clip-vision")
+    inputs, expected = reference(folder, loaded.processor)
+    with torch.no_grad():
+        assert (loaded.model(**inputs).logits[0] - expected["logits"]).abs().max().item() < 1e-3
