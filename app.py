@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     try:
         demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                    auth=SlowedLogin(settings.auth) if settings.auth else None,
+                    auth=SlowedLogin(settings.auth).check if settings.auth else None,
                     max_file_size=settings.max_file_bytes, css=CSS, theme=THEME, show_error=False,
                     allowed_paths=[str(settings.examples_dir)])
     finally:

@@ -55,4 +55,35 @@ def build_app(settings: Settings, registry: Registry, cache: ModelCache,
                             [compare.refresh_families], [compare.refresh_families], api_visibility="private",
                             show_progress="hidden")
     demo.train_manager = train.manager if settings.train else None
+    plain_input_errors(demo)
     return demo
+
+
+def plain_input_errors(demo: gr.Blocks) -> None:
+    """Inputs gradio refuses before our checks run (a FileData naming a server path, a value of the wrong
+    type) get a plain sentence instead of gradio's empty error, and one log line instead of a traceback.
+    The path refusal reads exactly like a non-image, so it tells nothing about the server's files."""
+    import logging
+
+    from gradio.exceptions import InvalidPathError
+    from pydantic import ValidationError
+
+    from .validate import NOT_AN_IMAGE
+
+    log = logging.getLogger("demo")
+    preprocess = demo.preprocess_data
+
+    async def checked(block_fn, inputs, state, explicit_call=False):
+        try:
+            return await preprocess(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except InvalidPathError:
+            log.info("refused a request: a file outside the upload folder")
+            raise gr.Error(NOT_AN_IMAGE, print_exception=False) from None
+        except (ValidationError, ValueError, TypeError) as err:
+            log.info("refused a request: inputs of the wrong type (%s)", type(err).__name__)
+            raise gr.Error("The request's inputs could not be read; see the API page for what each one "
+                           "takes.", print_exception=False) from None
+
+    demo.preprocess_data = checked

@@ -15,7 +15,9 @@ FORGET_AFTER_S = 600.0
 
 
 class SlowedLogin:
-    """An async `auth=` callable for gradio: each wrong attempt doubles the wait before the next answer."""
+    """Each wrong attempt doubles the wait before the next answer for that user name. Hand gradio
+    `login.check` (a coroutine function: gradio awaits only those; an object with an async __call__
+    would return an un-awaited coroutine, which is truthy, and let everyone in)."""
 
     def __init__(self, users: list[tuple[str, str]]):
         self.users = dict(users)
@@ -27,7 +29,7 @@ class SlowedLogin:
             return 0.0
         return min(FIRST_DELAY_S * 2 ** (count - 1), MAX_DELAY_S)
 
-    async def __call__(self, username: str, password: str) -> bool:
+    async def check(self, username: str, password: str) -> bool:
         await asyncio.sleep(self.delay(username))
         expected = self.users.get(username)
         ok = expected is not None and hmac.compare_digest(password.encode(), expected.encode())

@@ -34,7 +34,7 @@ class Refused(gr.Error):
 
     def __init__(self, message: str):
         log.info("refused a compare request: %s", message)
-        super().__init__(message)
+        super().__init__(message, print_exception=False)
 
 
 class CompareTab:

@@ -30,7 +30,7 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(grace.TrainConfig)}   
 
 def refuse(message: str) -> gr.Error:
     log.info("refused a training request: %s", message)
-    return gr.Error(message)
+    return gr.Error(message, print_exception=False)
 
 
 class TrainTab:

@@ -77,3 +77,21 @@ def test_the_settings_table_lists_every_variable_read():
     assert read == set(settings.ENVIRONMENT)
     table = settings.settings_table()
     assert all(f"`{name}`" in table for name in read)
+
+
+def test_wrong_logins_are_slowed_down_and_right_ones_pass():
+    import asyncio
+    import inspect
+
+    from demo.auth import SlowedLogin
+
+    login = SlowedLogin([("ann", "s3cret")])
+    assert inspect.iscoroutinefunction(login.check)      # gradio awaits only coroutine functions
+    assert login.delay("ann") == 0
+    assert asyncio.run(login.check("ann", "wrong")) is False
+    assert asyncio.run(login.check("nobody", "x")) is False
+    assert login.delay("ann") == 0.5
+    login.failures["ann"] = (10, login.failures["ann"][1])
+    assert login.delay("ann") == 8.0                     # capped
+    login.failures.clear()
+    assert asyncio.run(login.check("ann", "s3cret")) is True
