@@ -68,29 +68,6 @@ def on_gpu_machine() -> bool:
     return torch.cuda.is_available()
 
 
-def preload(settings, registry, cache) -> None:
-    """Load the default family's columns now (on CPU on a ZeroGPU Space, where the GPU exists only inside
-    @spaces.GPU calls: ZeroGPU defers the `.to("cuda")` and applies it in each call)."""
-    log = logging.getLogger("app")
-    family = registry.get(registry.default)
-    for label in family.default_labels:
-        source = family.variant(label).source
-        try:
-            with cache.use(source):
-                pass
-        except Exception as err:  # noqa: BLE001 - the column will show the error when asked
-            log.warning("could not preload %s: %s", source, err)
-
-
-def zero_gpu_loader(source: str):
-    """ZeroGPU: load on CPU in the main process, then `.to("cuda")`, which `spaces` records and replays."""
-    import grace
-
-    loaded = grace.load(source, device="cpu")
-    loaded.model.to("cuda")
-    return loaded
-
-
 def stop_on_signals(manager) -> None:
     """SIGTERM (a Space or systemd stopping the app) and SIGINT: stop the training job, then exit."""
     def handle(signum, _frame):
@@ -118,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from demo.auth import SlowedLogin
     from demo.cleanup import start_cleaner
     from demo.families import build_registry
-    from demo.gpu import zero_gpu
+    from demo.gpu import preload, zero_gpu, zero_gpu_loader
     from demo.model_cache import ModelCache
     from demo.validate import limit_pixels
 
@@ -135,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cache = ModelCache(settings.cache_bytes, device=settings.device, load=zero_gpu_loader if zero_gpu() else None)
     if settings.preload:
-        preload(settings, registry, cache)
+        preload(registry, cache)
     demo = build_app(settings, registry, cache)
     manager = demo.train_manager
     stop_on_signals(manager)

@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
         except GraceLoadError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        print(f"[{loaded.kind}, {loaded.format}, {loaded.weight_bytes / 2**20:.1f} MiB] ", end="", flush=True)
+        print(f"[{loaded.kind}, {loaded.format}, {loaded.weight_bytes / 1e6:.1f} MB] ", end="", flush=True)
         shown = ""
         try:
             for generation in stream(loaded, image, args.question, settings):
