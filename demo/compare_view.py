@@ -12,7 +12,7 @@ from .compare_run import Column
 from .model_cache import human_bytes
 
 DIVERGES = "differs from the reference"
-LEGEND = (f"<small><span style='background:#fdba74;padding:0 4px;border-radius:3px'>orange</span> = where an answer "
+LEGEND = ("<small><span style='background:#fdba74;padding:0 4px;border-radius:3px'>orange</span> = where an answer "
           "stops matching the reference column token for token (positions count from 1). Under each answer, "
           "each token is shaded by how unsure the model was of it: the redder, the lower p(token) (hover for p and entropy).</small>")
 

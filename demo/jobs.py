@@ -27,6 +27,8 @@ from pathlib import Path
 from grace.trainer import METRICS_FILE, STOP_FILE
 
 from .job_guard import STOP_KILL_AFTER_S, STOP_TERM_AFTER_S
+from .processes import prefer_oom_kill, signal_group, group_alive, is_guard_of, process_alive
+from .run_files import LOG_FILE, RunLog, describe_run, log_tail, relative_outputs
 from .settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 TRAIN_COMMAND = [sys.executable, "-m", "grace", "train"]
 GUARD_COMMAND = [sys.executable, "-m", "demo.job_guard"]
 LOCK_FILE = "running-job.json"      # in the runs folder, while a job of this app runs
-LOG_FILE = "train.log"
 ACTIVE = ("starting", "running", "stopping")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
@@ -57,56 +58,6 @@ class TrainRequest:
 
     def argv(self) -> list[str]:
         return [part for name, value in self.options.items() for part in (f"--{name}", str(value))]
-
-
-def read_metrics(path: Path, offset: int = 0, partial: bytes = b"") -> tuple[list[dict], int, bytes]:
-    """Complete JSON lines of metrics.jsonl from `offset`: (records, new offset, the unfinished line)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-    except FileNotFoundError:
-        return [], offset, partial
-    lines = (partial + chunk).split(b"\n")
-    records = []
-    for line in lines[:-1]:
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s: skipping a line that is not JSON", path)
-    return records, offset + len(chunk), lines[-1]
-
-
-@dataclass
-class RunLog:
-    """What one run folder's metrics say: its config line, step records (a resumed run's lost steps dropped),
-    its end line."""
-
-    config: dict | None = None
-    steps: list[dict] = field(default_factory=list)
-    end: dict | None = None
-    offset: int = 0
-    partial: bytes = b""
-
-    def add(self, records: list[dict]) -> None:
-        for record in records:
-            event = record.get("event")
-            if event == "step":
-                self.steps.append(record)
-            elif event == "config":
-                start = record.get("start_step")
-                if isinstance(start, int):   # resumed: steps after the checkpoint were redone
-                    self.steps = [s for s in self.steps if isinstance(s.get("step"), int) and s["step"] <= start]
-                self.config, self.end = record, None
-            elif event == "end":
-                self.end = record
-
-    def read(self, folder: Path) -> "RunLog":
-        records, self.offset, self.partial = read_metrics(folder / METRICS_FILE, self.offset, self.partial)
-        self.add(records)
-        return self
 
 
 @dataclass
@@ -167,70 +118,6 @@ class TrainingJob:
                 "request": self.request.describe if self.request else {"adopted": True}}
 
 
-def relative_outputs(end: dict | None, run_dir: Path) -> dict[str, str]:
-    outputs = {}
-    for key, path in ((end or {}).get("outputs") or {}).items():
-        if isinstance(path, str) and path:
-            try:
-                outputs[key] = str(Path(path).resolve().relative_to(run_dir.resolve()))
-            except ValueError:
-                outputs[key] = Path(path).name
-    return outputs
-
-
-def log_tail(run_dir: Path, lines: int = 8) -> str:
-    try:
-        text = (run_dir / LOG_FILE).read_text(errors="replace").strip().splitlines()[-lines:]
-    except OSError:
-        return ""
-    # The log names server paths; show only the lines' text after the last path separator of each path.
-    text = [re.sub(r"(/[^\s:'\"]+)+/", "…/", line) for line in text]
-    return "\nLast lines of its log:\n" + "\n".join(text) if text else ""
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:   # a zombie (ended, not yet reaped) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def group_alive(pgid: int) -> bool:
-    """Some process of group `pgid` is running (zombies do not count)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
-
-
-def is_guard_of(pid: int, run_dir: Path) -> bool:
-    """`pid` is still the guard of this run (not a recycled pid of some other process)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return process_alive(pid)   # no /proc: trust the pid
-    return b"demo.job_guard" in cmdline and str(run_dir / STOP_FILE).encode() in cmdline
-
-
 class JobManager:
     """Starts, watches and stops the server's single training job; lists, resumes and deletes runs."""
 
@@ -260,7 +147,7 @@ class JobManager:
             self.lock_path.unlink(missing_ok=True)
             return
         run_dir = self.runs_dir / run
-        if not (group_alive(pid) and (not process_alive(pid) or is_guard_of(pid, run_dir))):
+        if not (group_alive(pid) and (not process_alive(pid) or is_guard_of(pid, run_dir / STOP_FILE))):
             self.lock_path.unlink(missing_ok=True)
             return
         log.warning("training run %s (pid %d) was left running by an earlier server: stopping it", run, pid)
@@ -292,7 +179,7 @@ class JobManager:
                 process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                            stdout=log_file, stderr=subprocess.STDOUT,
                                            start_new_session=True)   # own process group: signals reach it all
-            _prefer_oom_kill(process.pid)
+            prefer_oom_kill(process.pid)
             job = TrainingJob(run, out_dir, process.pid, request, process)
             if resume:   # show the resumed run from its start, then follow its new lines
                 job.log.read(out_dir)
@@ -310,9 +197,9 @@ class JobManager:
             if job.stop_requested:
                 waited = time.time() - job.stop_requested
                 if waited > STOP_KILL_AFTER_S:
-                    _signal_group(job.pid, signal.SIGKILL)
+                    signal_group(job.pid, signal.SIGKILL)
                 elif waited > STOP_TERM_AFTER_S:
-                    _signal_group(job.pid, signal.SIGTERM)
+                    signal_group(job.pid, signal.SIGTERM)
             time.sleep(0.25)
         with self._lock:
             job.exit_code = job.process.wait() if job.process is not None else None
@@ -351,12 +238,12 @@ class JobManager:
             return
         log.info("stopping training run %s before the server exits", job.run)
         (job.out_dir / STOP_FILE).touch()
-        _signal_group(job.pid, signal.SIGTERM)   # the trainer checkpoints on SIGTERM; the guard waits for it
+        signal_group(job.pid, signal.SIGTERM)   # the trainer checkpoints on SIGTERM; the guard waits for it
         deadline = time.monotonic() + wait_s
         while job.alive and time.monotonic() < deadline:
             time.sleep(0.2)
         if job.alive:
-            _signal_group(job.pid, signal.SIGKILL)
+            signal_group(job.pid, signal.SIGKILL)
         self.lock_path.unlink(missing_ok=True)
 
     # -- past runs -----------------------------------------------------------------------------------
@@ -379,22 +266,8 @@ class JobManager:
         if not self.runs_dir.is_dir():
             return []
         active = self.active_run()
-        found = []
-        for folder in sorted(self.runs_dir.iterdir(), reverse=True):
-            if not folder.is_dir() or not (folder / METRICS_FILE).is_file():
-                continue
-            logged = RunLog().read(folder)
-            config, last, end = logged.config or {}, (logged.steps or [{}])[-1], logged.end or {}
-            outcome = "running" if folder.name == active else str(end.get("outcome") or "interrupted")
-            has_checkpoint = any(p.is_dir() and not p.name.endswith(".partial") for p in folder.glob("checkpoint-*"))
-            found.append({"run": folder.name, "outcome": outcome, "step": last.get("step", 0),
-                          "max_steps": config.get("steps"), "bits": config.get("bits"),
-                          "loss": last.get("loss"), "cka": last.get("cka"), "beta": last.get("beta"),
-                          "teacher": config.get("teacher"), "student": config.get("student"),
-                          "outputs": relative_outputs(end, folder),
-                          "resumable": outcome in ("stopped", "failed", "interrupted") and has_checkpoint,
-                          "comparable": outcome == "finished" or (outcome != "running" and has_checkpoint)})
-        return found
+        return [describe_run(folder, folder.name == active) for folder in sorted(self.runs_dir.iterdir(), reverse=True)
+                if folder.is_dir() and (folder / METRICS_FILE).is_file()]
 
     def delete(self, run: str) -> None:
         folder = self.run_dir(run)
@@ -405,16 +278,3 @@ class JobManager:
         log.info("deleted training run %s", run)
 
 
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _prefer_oom_kill(pid: int) -> None:
-    """Ask the kernel to kill the trainer, not the server, when memory runs out (Linux; best effort)."""
-    try:
-        Path(f"/proc/{pid}/oom_score_adj").write_text("500")
-    except OSError:
-        pass

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import signal
-import sys
-import threading
-import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from PIL import Image
 
 pytest.importorskip("gradio")
 
-from app_server import REPO  # noqa: E402
-from demo import charts, families, settings, validate  # noqa: E402
+from demo import charts  # noqa: E402
 
 
 def test_charts_draw_with_and_without_data():

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import signal
-import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from PIL import Image
 
 pytest.importorskip("gradio")
 
-from app_server import REPO  # noqa: E402
 from demo.model_cache import CacheError, ModelCache, process_memory  # noqa: E402
 
 
