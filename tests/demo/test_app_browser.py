@@ -191,13 +191,14 @@ def test_a_finished_run_goes_to_compare_with_its_student_before_distillation(pag
     expect(page.locator("#train-message")).to_contain_text("Training finished", timeout=120_000)
     page.locator("#train-to-compare").click()
     expect(page.locator("#compare-family input")).to_have_value(re.compile("^trained: "))
-    labels = page.locator("#compare-variants").inner_text()
-    assert "teacher: " in labels and "student before distillation" in labels and "trained W4G128-AWQ" in labels
+    for label in ("teacher: ", "student before distillation", "trained W4G128-AWQ"):
+        expect(page.locator("#compare-variants")).to_contain_text(label)
     page.locator("#compare-image input[type=file]").set_input_files(str(EXAMPLE))
     page.locator("#compare-question textarea").fill("What color is the circle?")
     page.locator("#compare-ask").click()
-    for i in range(3):
-        expect(page.locator(f"#metrics-{i}")).to_contain_text("done", timeout=90_000)
+    for i in range(4):
+        expect(page.locator(f"#metrics-{i}")).to_contain_text(re.compile("done|Error"), timeout=180_000)
+        expect(page.locator(f"#metrics-{i}")).to_contain_text("done")
 
 
 def test_eval_tab_draws_a_table_and_chart(browser, app_url, screenshots):
