@@ -25,7 +25,7 @@ MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation
 THEME = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
 CSS = """
 .answer-column { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px; }
-.grace-tokens { line-height: 1.9; font-size: 0.9em; }
+.grace-tokens { line-height: 1.9; font-size: 0.9em; overflow-wrap: anywhere; word-break: break-word; }
 .grace-token { border-radius: 3px; padding: 1px 0; white-space: pre-wrap; }
 #train-student label, #train-teacher label { overflow: visible; white-space: normal; }
 footer { display: none !important; }

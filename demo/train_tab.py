@@ -193,7 +193,7 @@ class TrainTab:
             return [gr.skip()] * 10 + [gr.Timer(active=active), drawn]
         steps = thin(self.manager.steps())
         smoothing = min(max(float(smoothing or 0), 0.0), 0.99)
-        if not drawn or drawn.get("runs") != marker["runs"]:
+        if not drawn or drawn.get("runs") != marker["runs"] or drawn.get("state") != marker["state"]:
             listed = self.manager.runs()
             runs = [train_view.runs_rows(listed), gr.Dropdown(choices=[r["run"] for r in listed])]
         else:
@@ -207,7 +207,7 @@ class TrainTab:
         settings, control = self.settings, self.settings.train_control
         models = [(f"{v.label} ({key.split(SEP)[0]})", key) for key, v in self.model_choices().items()]
         with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=340):
+            with gr.Column(scale=1, min_width=420):
                 if not control:
                     gr.Markdown("*View-only: this server shows training runs but does not start them.*")
                 teacher = gr.Dropdown(models, value=self.default_model("teacher"), label="Teacher",

@@ -153,11 +153,11 @@ def test_train_draws_smooths_stops_lists_and_resumes(page, screenshots):
     expect(page.locator("#caption-ib")).to_contain_text("target τ")
     page.wait_for_function("() => parseInt((document.querySelector('#train-progress').innerText"
                            ".match(/step (\\d+)/) || [0, 0])[1]) >= 20")
+    page.screenshot(path=str(screenshots / "train.png"), full_page=True)
     page.locator("#train-log-scale input").check()
     expect(page.locator("#plot-losses")).to_contain_text("log scale")
     raw_lines = page.locator("#plot-losses .scatterlayer .trace").count()
     page.locator("#train-log-scale input").uncheck()
-    page.screenshot(path=str(screenshots / "train.png"), full_page=True)
     slider = page.locator("#train-smoothing input[type=number]")
     slider.fill("0")
     slider.press("Enter")
@@ -170,7 +170,7 @@ def test_train_draws_smooths_stops_lists_and_resumes(page, screenshots):
     page.wait_for_timeout(2500)
     assert page.locator("#train-progress").inner_text() == took          # "took" no longer counts
     runs = page.locator("#train-runs")
-    expect(runs).to_contain_text("stopped")
+    expect(runs).to_contain_text("stopped", timeout=20_000)
     expect(runs).to_contain_text("resume")
     run = re.search(r"run (\S+)", took).group(1)
     expect(runs).to_contain_text(run)
