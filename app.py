@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     from gradio.utils import get_upload_folder
 
     from demo import CSS, THEME, build_app
+    from starlette.middleware import Middleware
+
     from demo.auth import SlowedLogin
+    from demo.body_limit import BodyLimit, request_limit
     from demo.cleanup import start_cleaner
     from demo.families import build_registry
     from demo.gpu import preload, zero_gpu, zero_gpu_loader
@@ -122,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
                     auth=SlowedLogin(settings.auth).check if settings.auth else None,
                     max_file_size=settings.max_file_bytes, css=CSS, theme=THEME, show_error=False,
-                    allowed_paths=[str(settings.examples_dir)])
+                    allowed_paths=[str(settings.examples_dir)],
+                    app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=request_limit(settings.max_file_bytes),
+                                                          skip_prefixes=("/gradio_api/upload",))]})
     finally:
         if manager is not None:
             manager.shutdown()

@@ -22,7 +22,7 @@ ENVIRONMENT = {
     "GRACE_CACHE_BYTES": ("8GiB", "memory budget of the model cache (`6e9`, `4GiB`, `500MB`); least recently "
                                   "used models are evicted past it"),
     "GRACE_DEVICE": ("cuda when available, else cpu", "device the models are loaded on"),
-    "GRACE_MAX_FILE_SIZE": ("10mb", "largest upload the server accepts"),
+    "GRACE_MAX_FILE_SIZE": ("10mb", "largest image accepted, however it arrives (upload or inline `data:` URL)"),
     "GRACE_MAX_IMAGE_PIXELS": ("25000000", "largest image (width x height) accepted; bigger ones, and "
                                             "decompression bombs, are refused"),
     "GRACE_MAX_QUESTION_CHARS": ("1000", "longest question accepted"),

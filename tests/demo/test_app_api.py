@@ -324,7 +324,7 @@ def test_inline_images_are_capped_like_uploads(app_url):
     small = "data:image/png;base64," + base64.b64encode(EXAMPLE.read_bytes()).decode()
     event, result = raw_compare(app_url, {"path": None, "url": small, "meta": {"_type": "gradio.FileData"}})
     assert event == "complete" and result[0]["columns"][0]["status"] == "done"
-    big = "data:image/png;base64," + base64.b64encode(b"\0" * (11 * 1000 * 1000)).decode()   # cap: 10 MB
+    big = "data:image/png;base64," + base64.b64encode(b"\0" * (10_500_000)).decode()   # cap: 10 MB
     assert "too big" in refusal(app_url, {"path": None, "url": big, "meta": {"_type": "gradio.FileData"}})
 
 
@@ -375,3 +375,12 @@ def test_refusals_are_logged_as_one_line_not_a_traceback(app_url, work):
     log = next(work.glob("app-*.log")).read_text()
     assert "Traceback" not in log, log[-3000:]
     assert "refused" in log
+
+
+def test_oversized_request_bodies_are_refused_before_they_are_read(app_url):
+    import httpx
+
+    body = b'{"data": ["' + b"A" * (16 * 1000 * 1000) + b'"]}'          # ~16 MB, over 4/3 of the 10 MB cap
+    response = httpx.post(app_url + "gradio_api/call/compare", content=body,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and "too big" in response.json()["error"]
