@@ -56,7 +56,8 @@ class RunLog:
                 start = record.get("start_step")
                 if isinstance(start, int):   # resumed: steps after the checkpoint were redone
                     self.steps = [s for s in self.steps if isinstance(s.get("step"), int) and s["step"] <= start]
-                self.config, self.end = record, None
+                # a resumed run's config line may name only what changed: keep what the first one said
+                self.config, self.end = {**(self.config or {}), **record}, None
             elif event == "end":
                 self.end = record
 

@@ -3,7 +3,7 @@
     python tests/demo/app_fake_trainer.py MODE --out DIR [--steps N] [any other trainer option]
     python tests/demo/app_fake_trainer.py MODE --resume DIR [--steps N]   (continues after the last step logged)
 
-MODE: finish (N steps, then an end line), die (killed by SIGKILL after 2 steps, as the OOM killer would),
+MODE: finish (N steps, then an end line; with FAKE_TRAINER_FINAL=<checkpoint> its final/ links there), die (killed by SIGKILL after 2 steps, as the OOM killer would),
 stubborn (ignores STOP files and SIGTERM: only SIGKILL ends it), garbage (writes a non-JSON line, then a
 half-written line, then finishes).
 """
@@ -50,8 +50,12 @@ def main() -> None:
         if mode == "garbage":
             log.write('{"event": "step", "step": 99')   # a line cut short: must not be parsed
             log.flush()
+        outputs = {}
+        if os.environ.get("FAKE_TRAINER_FINAL"):   # a real checkpoint to stand for the run's final/ release
+            (out / "final").symlink_to(os.environ["FAKE_TRAINER_FINAL"])
+            outputs["final"] = str(out / "final")
         log.write(("\n" if mode == "garbage" else "") + json.dumps(
-            {"event": "end", "outcome": "finished", "step": steps, "error": None, "outputs": {}}) + "\n")
+            {"event": "end", "outcome": "finished", "step": steps, "error": None, "outputs": outputs}) + "\n")
 
 
 if __name__ == "__main__":

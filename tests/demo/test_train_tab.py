@@ -47,3 +47,31 @@ def test_malformed_numbers_are_refused_in_plain_words(tmp_path, fixtures_dir):
         with pytest.raises(gr.Error) as refused:
             control.start(model, model, "W4", steps, lr, 1e-4, 1, 0.01, 1, 2, "shapes")
         assert "Cannot start training" in str(refused.value) and "Error" not in str(refused.value)
+
+
+def test_a_stopped_run_is_exported_then_compared_with_its_student(tmp_path, fixtures_dir, monkeypatch):
+    import time
+
+    monkeypatch.setenv("FAKE_TRAINER_FINAL", str(fixtures_dir / "qwen3vl-tiny-grace-w8g128-qat"))
+    control = tab(tmp_path, fixtures_dir, "1")
+    models = control.model_choices()
+    teacher, student = list(models)[0], list(models)[1]
+    run = control.start(teacher, student, "W8", 200, 2e-5, 1e-4, 1, 0.01, 1, 2, "shapes")["run"]
+
+    def wait(state_ok):
+        deadline = time.monotonic() + 30
+        while not state_ok(control.status()):
+            assert time.monotonic() < deadline, control.status()
+            time.sleep(0.1)
+
+    wait(lambda s: s["steps_logged"] >= 2)
+    control.stop()
+    wait(lambda s: s["state"] == "stopped")
+    assert control.compare_run(run) == (gr.skip(), gr.skip())   # first: export the checkpoint (a short job)
+    wait(lambda s: s["state"] == "finished")
+    dropdown, _ = control.compare_run(run)
+    family = control.registry.get(dropdown.value)
+    labels = [v.label for v in family.variants]
+    assert labels[0].startswith("teacher: ") and labels[1].startswith("student before distillation: ")
+    assert family.variants[1].source == models[student].source and labels[2] == "trained W8G128 (QAT release)"
+    assert family.variants[2].kind == "int8"
