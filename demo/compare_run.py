@@ -137,7 +137,10 @@ class CompareRun:
             column.status = "done"
         except (GraceLoadError, CacheError) as err:
             log.info("variant %s could not be loaded: %s", column.label, err)
-            column.error, column.status = f"Could not load this model: {err}", "error"
+            # The operator's folder names stay on the server: the message names the column instead.
+            message = str(err).replace(str(Path(column.source).resolve()), column.label).replace(column.source,
+                                                                                                 column.label)
+            column.error, column.status = f"Could not load this model: {message}", "error"
         except InvalidRequest as err:
             log.info("variant %s refused the request: %s", column.label, err)
             column.error, column.status = str(err), "error"

@@ -167,11 +167,12 @@ def test_unknown_family_variant_or_settings_are_refused(client):
         compare(client, variants="BF16", max_new_tokens=100_000)
 
 
-def test_missing_and_corrupt_checkpoints_fail_in_their_own_column(client):
+def test_missing_and_corrupt_checkpoints_fail_in_their_own_column(client, work):
     result = compare(client, family=BROKEN_FAMILY, variants="good, missing, corrupt", max_new_tokens=4)
     good, missing, corrupt = result["columns"]
     assert good["status"] == "done"
     assert missing["status"] == "error" and "not found" in missing["error"]
+    assert str(work) not in missing["error"] + corrupt["error"]        # server folders are not shown
     assert corrupt["status"] == "error" and "truncated or corrupt" in corrupt["error"]
 
 
