@@ -28,7 +28,7 @@ from grace.trainer import METRICS_FILE, STOP_FILE
 
 from .job_guard import STOP_KILL_AFTER_S, STOP_TERM_AFTER_S
 from .processes import prefer_oom_kill, signal_group, group_alive, is_guard_of, process_alive
-from .run_files import LOG_FILE, RunLog, describe_run, log_tail, relative_outputs
+from .run_files import LOG_FILE, RunLog, describe_run, log_tail, plain, relative_outputs
 from .settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class TrainingJob:
 
     def error(self) -> str | None:
         if self.log.end and self.log.end.get("error"):
-            return "The trainer reported: " + str(self.log.end["error"])
+            return "The trainer reported: " + plain(self.log.end["error"])
         if self.ended is None or self.log.end or self.state == "stopped":
             return None
         if self.exit_code in (-signal.SIGKILL, 137):

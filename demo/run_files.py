@@ -78,13 +78,21 @@ def relative_outputs(end: dict | None, run_dir: Path) -> dict[str, str]:
     return outputs
 
 
+def plain(message: str) -> str:
+    """A trainer message for the UI: no exception class name in front, no server folders."""
+    message = re.sub(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b:?\s*", "", str(message).strip())
+    return re.sub(r"(/[^\s:'\"]+)+/", "…/", message)
+
+
 def log_tail(run_dir: Path, lines: int = 8) -> str:
     try:
-        text = (run_dir / LOG_FILE).read_text(errors="replace").strip().splitlines()[-lines:]
+        text = (run_dir / LOG_FILE).read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
-    # The log names server paths; show only the lines' text after the last path separator of each path.
-    text = [re.sub(r"(/[^\s:'\"]+)+/", "…/", line) for line in text]
+    # What the trainer printed, without traceback frames, class names or server folders (the full log
+    # stays in the run folder for the operator).
+    frame = re.compile(r"^(Traceback|\s+File |\s+\^|\s{4}|During handling|The above exception)")
+    text = [plain(line) for line in text if line.strip() and not frame.match(line)][-lines:]
     return "\nLast lines of its log:\n" + "\n".join(text) if text else ""
 
 
