@@ -76,7 +76,9 @@ def plain_input_errors(demo: gr.Blocks) -> None:
     async def checked(block_fn, inputs, state, explicit_call=False):
         try:
             return await preprocess(block_fn, inputs, state, explicit_call)
-        except gr.Error:
+        except gr.Error as err:   # e.g. a value not among a dropdown's choices: one log line, no traceback
+            log.info("refused a request: %s", err.message)
+            err.print_exception = False
             raise
         except InvalidPathError:
             log.info("refused a request: a file outside the upload folder")

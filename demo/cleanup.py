@@ -45,14 +45,16 @@ def prune_files(folder: Path, max_age_hours: float, now: float | None = None) ->
     if not folder.is_dir() or max_age_hours <= 0:
         return 0
     now = time.time() if now is None else now
-    removed = 0
+    removed, emptied = 0, set()
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         try:
             if path.is_file() and now - path.stat().st_mtime > max_age_hours * 3600:
                 path.unlink()
                 removed += 1
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
+                emptied.add(path.parent)
+            elif path in emptied and path != folder and not any(path.iterdir()):
+                path.rmdir()   # only folders this pass emptied: gradio's own (empty) folders stay
+                emptied.add(path.parent)
         except OSError:
             pass
     if removed:

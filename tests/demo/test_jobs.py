@@ -223,8 +223,13 @@ def test_old_runs_and_cached_files_are_cleaned_up(tmp_path):
     (cache / "old.png").write_bytes(b"x")
     (cache / "new.png").write_bytes(b"x")
     os.utime(cache / "old.png", (now - 3 * 3600,) * 2)
-    assert cleanup.prune_files(tmp_path / "cache", max_age_hours=2, now=now) == 1
+    (tmp_path / "cache" / "gradio-own").mkdir()
+    (tmp_path / "cache" / "gone").mkdir()
+    (tmp_path / "cache" / "gone" / "old.png").write_bytes(b"x")
+    os.utime(tmp_path / "cache" / "gone" / "old.png", (now - 3 * 3600,) * 2)
+    assert cleanup.prune_files(tmp_path / "cache", max_age_hours=2, now=now) == 2
     assert [p.name for p in cache.iterdir()] == ["new.png"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["abc", "gradio-own"]
 
 
 def test_long_runs_are_thinned_for_drawing():
