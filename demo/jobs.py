@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grace.trainer import METRICS_FILE, STOP_FILE
+from grace.train.metrics import METRICS_FILE, STOP_FILE
 
 from .job_guard import STOP_KILL_AFTER_S, STOP_TERM_AFTER_S
 from .processes import prefer_oom_kill, signal_group, group_alive, is_guard_of, process_alive

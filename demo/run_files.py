@@ -3,68 +3,41 @@ its checkpoints, its log. Used for the live job and for the list of past runs. N
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from grace.trainer import METRICS_FILE
+from grace.train.metrics import CHECKPOINT_PREFIX, METRICS_FILE, PARTIAL_SUFFIX, MetricsReader
 
 log = logging.getLogger(__name__)
 
 LOG_FILE = "train.log"
 
 
-def read_metrics(path: Path, offset: int = 0, partial: bytes = b"") -> tuple[list[dict], int, bytes]:
-    """Complete JSON lines of metrics.jsonl from `offset`: (records, new offset, the unfinished line)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-    except FileNotFoundError:
-        return [], offset, partial
-    lines = (partial + chunk).split(b"\n")
-    records = []
-    for line in lines[:-1]:
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s: skipping a line that is not JSON", path)
-    return records, offset + len(chunk), lines[-1]
-
-
-@dataclass
 class RunLog:
-    """What one run folder's metrics say: its config line, step records (a resumed run's lost steps dropped),
-    its end line."""
+    """The app's view of a run's metrics.jsonl, tailed with grace.train's reader: a resumed run's attempts
+    folded into one series (the steps redone after a resume appear once), half-written lines waited for."""
 
-    config: dict | None = None
-    steps: list[dict] = field(default_factory=list)
-    end: dict | None = None
-    offset: int = 0
-    partial: bytes = b""
-
-    def add(self, records: list[dict]) -> None:
-        for record in records:
-            event = record.get("event")
-            if event == "step":
-                self.steps.append(record)
-            elif event == "config":
-                start = record.get("start_step")
-                if isinstance(start, int):   # resumed: steps after the checkpoint were redone
-                    self.steps = [s for s in self.steps if isinstance(s.get("step"), int) and s["step"] <= start]
-                # a resumed run's config line may name only what changed: keep what the first one said
-                self.config, self.end = {**(self.config or {}), **record}, None
-            elif event == "end":
-                self.end = record
+    def __init__(self):
+        self.reader: MetricsReader | None = None
 
     def read(self, folder: Path) -> "RunLog":
-        records, self.offset, self.partial = read_metrics(folder / METRICS_FILE, self.offset, self.partial)
-        self.add(records)
+        if self.reader is None:
+            self.reader = MetricsReader(Path(folder) / METRICS_FILE)
+        self.reader.poll()
         return self
+
+    @property
+    def config(self) -> dict | None:
+        return self.reader.metrics.config if self.reader else None
+
+    @property
+    def steps(self) -> list[dict]:
+        return self.reader.metrics.steps if self.reader else []
+
+    @property
+    def end(self) -> dict | None:
+        return self.reader.metrics.end if self.reader else None
 
 
 def relative_outputs(end: dict | None, run_dir: Path) -> dict[str, str]:
@@ -103,7 +76,7 @@ def describe_run(folder: Path, active: bool = False) -> dict:
     logged = RunLog().read(folder)
     config, last, end = logged.config or {}, (logged.steps or [{}])[-1], logged.end or {}
     outcome = "running" if active else str(end.get("outcome") or "interrupted")
-    has_checkpoint = any(p.is_dir() and not p.name.endswith(".partial") for p in folder.glob("checkpoint-*"))
+    has_checkpoint = any(p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) for p in folder.glob(CHECKPOINT_PREFIX + "*"))
     return {"run": folder.name, "outcome": outcome, "step": last.get("step", 0), "max_steps": config.get("steps"),
             "bits": config.get("bits"), "loss": last.get("loss"), "cka": last.get("cka"), "beta": last.get("beta"),
             "teacher": config.get("teacher"), "student": config.get("student"),

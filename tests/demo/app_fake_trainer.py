@@ -30,7 +30,8 @@ def main() -> None:
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with open(out / "metrics.jsonl", "a", buffering=1) as log:
-        log.write(json.dumps({"event": "config", **options, "start_step": start}) + "\n")
+        # like the trainer, a resumed attempt's config line holds the whole configuration
+        log.write(json.dumps({**saved, "event": "config", **options, "start_step": start}) + "\n")
         if mode == "garbage":
             log.write("not json\n")
         for step in range(start + 1, steps + 1):

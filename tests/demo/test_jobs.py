@@ -108,7 +108,8 @@ def test_status_names_no_absolute_server_path(tmp_path):
     assert str(tmp_path) not in json.dumps(status) and "/models/" not in json.dumps(status)
 
 
-def test_metrics_tail_skips_bad_and_half_written_lines_and_drops_redone_steps(tmp_path):
+def test_the_job_view_follows_grace_trains_reader(tmp_path):
+    """Half-written lines wait, bad ones are skipped, a resume's redone steps appear once."""
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"event": "config"}\nnot json\n{"event": "step", "step": 1}\n{"event": "step", "st')
     logged = RunLog().read(tmp_path)
