@@ -5,6 +5,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from grace.chat import MIN_TOKENS_FOR_SPEED
+
 COLORS = ["#2563eb", "#16a34a", "#ea580c", "#9333ea", "#0891b2", "#be123c"]
 _LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=80, b=40), height=340,
                legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
@@ -32,6 +34,10 @@ def compare_figure(columns: list[dict]) -> go.Figure:
     speeds = [c.get("tokens_per_s") for c in columns]
     fig.add_bar(x=labels, y=speeds, name="tokens/s", marker_color=COLORS[2], row=1, col=2, showlegend=False,
                 text=["" if v is not None else "too few tokens" for v in speeds], textposition="inside")
+    if all(v is None for v in speeds):   # say why the panel is empty rather than draw a bare axis
+        fig.add_annotation(text=f"not measured: answers under {MIN_TOKENS_FOR_SPEED} tokens", showarrow=False, xref="x2 domain",
+                           yref="y2 domain", x=0.5, y=0.5, font=dict(color="#6b7280"))
+        fig.update_yaxes(visible=False, row=1, col=2)
     fig.add_bar(x=labels, y=[c.get("ttft_s") for c in columns], name="first token", marker_color=COLORS[3],
                 row=1, col=3, offsetgroup="first")
     fig.add_bar(x=labels, y=[c.get("total_s") for c in columns], name="whole answer", marker_color=COLORS[4],

@@ -4,5 +4,5 @@
 #   docs/screenshots/refresh.sh            (needs chromium at /usr/bin/chromium and the playwright package)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-GRACE_SCREENSHOTS_DIR="$PWD/docs/screenshots" GRACE_APP_TEST_ZOO=1 \
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" GRACE_SCREENSHOTS_DIR="$PWD/docs/screenshots" GRACE_APP_TEST_ZOO=1 \
   python -m pytest -q -rs -p no:cacheprovider tests/demo/test_app_browser.py "$@"

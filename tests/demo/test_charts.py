@@ -54,3 +54,9 @@ def test_compare_chart_stacks_memory_and_leaves_unmeasured_speed_empty():
     speed = next(t for t in figure.data if t.name == "tokens/s")
     assert list(speed.y) == [10.0, None] and list(speed.text) == ["", "too few tokens"]
     assert figure.layout.legend.y > 1                        # above the panels, off the tick labels
+
+
+def test_compare_chart_says_why_speed_is_missing():
+    columns = [{"label": "A", "weight_bytes": 1e6, "tokens_per_s": None, "ttft_s": 0.1, "total_s": 0.1}]
+    figure = charts.compare_figure(columns)
+    assert any("under 8 tokens" in a.text for a in figure.layout.annotations)
