@@ -62,7 +62,7 @@ class TrainTab:
         if not source:
             return None
         known = next((v for v in self.model_choices().values() if v.source == source), None)
-        return known or Variant(f"{role} ({source.rstrip('/').split('/')[-1]})", source, "bf16")
+        return known or Variant(f"{role} ({str(source).rstrip('/').split('/')[-1]})", source, "bf16")
 
     # -- actions (UI and API) -------------------------------------------------------------------------
 
@@ -124,6 +124,15 @@ class TrainTab:
 
     def status(self) -> dict:
         return self.manager.poll()
+
+    def runs(self) -> list[dict]:
+        """`train_runs` API endpoint: the past runs, their models named by label (no server paths)."""
+        shown = []
+        for record in self.manager.runs():
+            teacher, student = (self.variant_for(record[k], k) for k in ("teacher", "student"))
+            shown.append({**record, "teacher": teacher.label if teacher else None,
+                          "student": student.label if student else None})
+        return shown
 
     def run_record(self, run) -> dict:
         try:
@@ -277,5 +286,5 @@ class TrainTab:
         status_button, runs_button = gr.Button(visible=False), gr.Button(visible=False)
         status_button.click(self.status, None, job_json, api_name="train_status", concurrency_limit=None,
                             api_description="The job's state, step, ETA, last metrics and outputs (run-relative).")
-        runs_button.click(self.manager.runs, None, job_json, api_name="train_runs", concurrency_limit=None,
+        runs_button.click(self.runs, None, job_json, api_name="train_runs", concurrency_limit=None,
                           api_description="The past runs: outcome, steps, last metrics, resumable / comparable.")

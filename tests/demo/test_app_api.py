@@ -216,6 +216,8 @@ def test_training_job_through_the_api_produces_metrics_and_stops(client, work):
     assert (run_dir / stopped["outputs"]["checkpoint"]).is_dir()        # the last checkpoint is kept
     runs = client.predict(api_name="/train_runs")
     assert runs[0]["run"] == started["run"] and runs[0]["outcome"] == "stopped" and runs[0]["resumable"]
+    assert str(work) not in json.dumps(runs) and "shared/fixtures" not in json.dumps(runs)
+    assert runs[0]["teacher"] == "BF16" and runs[0]["bits"] == 4
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "config" and lines[-1]["event"] == "end"
     assert lines[-1]["outcome"] == "stopped"
