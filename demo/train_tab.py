@@ -214,7 +214,8 @@ class TrainTab:
 
     def build(self, compare_family: gr.Dropdown, tabs: gr.Tabs) -> None:
         settings, control = self.settings, self.settings.train_control
-        models = [(f"{v.label} ({key.split(SEP)[0]})", key) for key, v in self.model_choices().items()]
+        # Shown as "label · family" with the family's name up to its first parenthesis, so it fits the box.
+        models = [(f"{v.label} · {key.split(SEP)[0].split(' (')[0]}", key) for key, v in self.model_choices().items()]
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=420):
                 if not control:
