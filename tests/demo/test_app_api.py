@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 import time
 import zlib
@@ -387,3 +389,37 @@ def test_oversized_request_bodies_are_refused_before_they_are_read(app_url):
     response = httpx.post(app_url + "gradio_api/call/compare", content=body,
                           headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == 413 and "too big" in response.json()["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_or_killed_server_leaves_no_training_process(fixtures_dir, tmp_path, sig):
+    """The server's end (asked, or killed outright) ends its training job too: checkpoint, then exit."""
+    from demo.processes import group_alive
+
+    env = app_env(fixtures_dir, tmp_path)
+    with running_app(env) as url:
+        client = Client(url, verbose=False)
+        model = f"{DEV_FAMILY} › BF16"
+        client.predict(teacher=model, student=model, bits="W4", steps=5000, lr=2e-5, scale_lr=1e-4, tau=1.0,
+                       eta=0.01, omega=1.0, temperature=2.0, data="shapes", api_name="/train_start")
+        wait_for(client, lambda s: s["steps_logged"] >= 2, 120, "two logged steps")
+        lock = json.loads((tmp_path / "runs" / "running-job.json").read_text())
+        server = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_app(int(p), url))
+        os.kill(server, sig)
+        deadline = time.monotonic() + 60
+        while group_alive(lock["pid"]):
+            assert time.monotonic() < deadline, "the training job outlived its server"
+            time.sleep(0.5)
+    lines = [json.loads(x) for x in (tmp_path / "runs" / lock["run"] / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["event"] == "end" and lines[-1]["outcome"] == "stopped"     # it checkpointed first
+    assert any(p.name.startswith("checkpoint-") for p in (tmp_path / "runs" / lock["run"]).iterdir())
+
+
+def _is_app(pid: int, url: str) -> bool:
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        return False
+    port = url.rstrip("/").rsplit(":", 1)[1].encode()
+    return b"app.py" in cmdline and port in cmdline
