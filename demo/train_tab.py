@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 
 import gradio as gr
 
 import grace
 
-from . import charts, train_view
+from . import charts, train_view, validate
 from .families import TRAINED_PREFIX, Registry, Variant, trained_family, training_data_files
 from .inputs import passthrough
 from .jobs import ACTIVE, JobBusy, JobError, JobManager, TrainRequest
@@ -83,22 +82,11 @@ class TrainTab:
             problems.append(f"bits must be one of {', '.join(BITS)}")
         if data not in [value for _, value in self.data_choices()]:
             problems.append("data must be 'shapes' or one of the JSON files the operator allowed")
-        numbers = {}
-        for name, value in (("steps", steps), ("lr", lr), ("scale_lr", scale_lr), ("tau", tau), ("eta", eta),
-                            ("omega", omega), ("temperature", temperature)):
-            try:
-                numbers[name] = float(value) if not isinstance(value, bool) else math.nan
-            except (TypeError, ValueError, OverflowError):
-                numbers[name] = math.nan
-        if not all(math.isfinite(x) for x in numbers.values()):
-            problems.append("steps, learning rates, τ, η, ω and temperature must be finite numbers")
-        elif not (numbers["steps"] == int(numbers["steps"]) and 1 <= numbers["steps"] <= self.settings.train_max_steps):
-            problems.append(f"steps must be a whole number between 1 and {self.settings.train_max_steps}")
-        elif min(numbers["lr"], numbers["scale_lr"], numbers["temperature"]) <= 0:
-            problems.append("learning rates and temperature must be positive")
+        numbers, problem = validate.training_numbers(steps, lr, scale_lr, tau, eta, omega, temperature,
+                                                     self.settings.train_max_steps)
+        problems += [problem] if problem else []
         if problems:
             raise refuse("Cannot start training: " + "; ".join(problems) + ".")
-        numbers["steps"] = int(numbers["steps"])
         options = {"teacher": models[teacher].source, "student": models[student].source, "bits": BITS[bits],
                    "data": data, **{name.replace("_", "-"): value for name, value in numbers.items()}}
         label = "bf16" if BITS[bits] == 16 else f"w{BITS[bits]}"

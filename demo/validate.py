@@ -192,3 +192,22 @@ def check_generation(max_new_tokens, sampling, temperature, top_p, seed, limit: 
                 raise InvalidInput(f"seed must be a whole number from 0 to {MAX_SEED}.")
             checked["seed"] = seed
     return checked
+
+
+def training_numbers(steps, lr, scale_lr, tau, eta, omega, temperature, max_steps: int) -> tuple[dict, str | None]:
+    """The Train form's numbers as floats (steps an int), and what is wrong with them (None when nothing)."""
+    numbers = {}
+    for name, value in (("steps", steps), ("lr", lr), ("scale_lr", scale_lr), ("tau", tau), ("eta", eta),
+                        ("omega", omega), ("temperature", temperature)):
+        try:
+            numbers[name] = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError, OverflowError):
+            numbers[name] = math.nan
+    if not all(math.isfinite(x) for x in numbers.values()):
+        return numbers, "steps, learning rates, τ, η, ω and temperature must be finite numbers"
+    if not (numbers["steps"] == int(numbers["steps"]) and 1 <= numbers["steps"] <= max_steps):
+        return numbers, f"steps must be a whole number between 1 and {max_steps}"
+    if min(numbers["lr"], numbers["scale_lr"], numbers["temperature"]) <= 0:
+        return numbers, "learning rates and temperature must be positive"
+    numbers["steps"] = int(numbers["steps"])
+    return numbers, None
