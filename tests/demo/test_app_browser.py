@@ -201,6 +201,18 @@ def test_a_finished_run_goes_to_compare_with_its_student_before_distillation(pag
         expect(page.locator(f"#metrics-{i}")).to_contain_text("done")
 
 
+def test_an_example_answers(browser, app_url):
+    """The examples come from the operator's folder, which the upload checks allow (nothing else is)."""
+    expect = playwright_api.expect
+    page = open_app(browser, app_url)
+    page.get_by_text("How many shapes are there?").first.click()
+    expect(page.locator("#compare-question textarea")).to_have_value("How many shapes are there?")
+    page.locator("#compare-ask").click()
+    expect(page.locator("#metrics-0")).to_contain_text(re.compile("done|Error"), timeout=90_000)
+    expect(page.locator("#metrics-0")).to_contain_text("done")
+    page.close()
+
+
 def test_eval_tab_draws_a_table_and_chart(browser, app_url, screenshots):
     expect = playwright_api.expect
     page = open_app(browser, app_url)
