@@ -15,6 +15,7 @@ except ImportError:
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -67,6 +68,18 @@ def on_gpu_machine() -> bool:
     return torch.cuda.is_available()
 
 
+def stop_on_signals(manager) -> None:
+    """SIGTERM (a Space or systemd stopping the app) and SIGINT: stop the training job, then exit."""
+    def handle(signum, _frame):
+        logging.getLogger("app").info("%s: stopping the training job and exiting", signal.Signals(signum).name)
+        if manager is not None:
+            manager.shutdown()
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from demo.settings import SettingsError
@@ -76,8 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from demo import CSS, build_app
+    from gradio.utils import get_upload_folder
+
+    from demo import CSS, THEME, build_app
+    from starlette.middleware import Middleware
+
+    from demo.auth import SlowedLogin
+    from demo.body_limit import BodyLimit, request_limit
+    from demo.cleanup import start_cleaner
     from demo.families import build_registry
+    from demo.gpu import preload, zero_gpu, zero_gpu_loader
     from demo.model_cache import ModelCache
     from demo.validate import limit_pixels
 
@@ -92,12 +113,24 @@ def main(argv: list[str] | None = None) -> int:
               f"{settings.fixtures_dir}, Hub not offered. Build the zoo (`python -m grace zoo`) or pass --family.",
               file=sys.stderr)
         return 2
-    cache = ModelCache(settings.cache_bytes, device=settings.device)
+    cache = ModelCache(settings.cache_bytes, device=settings.device, load=zero_gpu_loader if zero_gpu() else None)
+    if settings.preload:
+        preload(registry, cache)
     demo = build_app(settings, registry, cache)
+    manager = demo.train_manager
+    stop_on_signals(manager)
+    start_cleaner(settings, Path(get_upload_folder()), manager.active_run if manager else lambda: None)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
-    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth,
-                max_file_size=settings.max_file_size, css=CSS, show_error=False,
-                allowed_paths=[str(settings.examples_dir)])
+    try:
+        demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                    auth=SlowedLogin(settings.auth).check if settings.auth else None,
+                    max_file_size=settings.max_file_bytes, css=CSS, theme=THEME, show_error=False,
+                    allowed_paths=[str(settings.examples_dir)],
+                    app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=request_limit(settings.max_file_bytes),
+                                                          skip_prefixes=("/gradio_api/upload",))]})
+    finally:
+        if manager is not None:
+            manager.shutdown()
     return 0
 
 

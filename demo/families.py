@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,21 +129,20 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def detect_kind(source: str, fallback: str = "bf16") -> str:
-    """bf16 / int8 / int4 of a local checkpoint from its config and sidecars (no weights read)."""
-    folder = Path(source)
-    if folder.is_dir():
-        try:
-            import grace
+    """bf16 / int8 / int4 of a local checkpoint, from `grace.inspect` (config and sidecars; no weights read).
 
-            return grace.inspect(folder).kind
-        except Exception as err:  # a broken folder still gets listed; loading it will say what is wrong
-            log.warning("could not read the layout of %s: %s", folder, err)
-    name = source.lower()
-    if re.search(r"(w4|int4|awq)", name):
-        return "int4"
-    if re.search(r"(w8|int8)", name):
-        return "int8"
-    return fallback
+    A folder that cannot be inspected, or a Hub repo id (not fetched at start-up), is listed with
+    `fallback`: loading it will say what it is, or what is wrong."""
+    import grace
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return fallback
+    try:
+        return grace.inspect(folder).kind
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the fallback
+        log.warning("could not inspect %s: %s", source, err)
+        return fallback
 
 
 def zoo_family(zoo_dir: Path) -> Family | None:
@@ -259,8 +257,10 @@ def build_registry(settings: Settings, on_gpu: bool = False) -> Registry:
     return registry
 
 
-def trained_family(run_name: str, outputs: dict[str, str], teacher: Variant | None, bits: int) -> Family:
-    """The family a finished training run adds to Compare: its releases next to the teacher (the BF16 reference).
+def trained_family(run_name: str, outputs: dict[str, str], teacher: Variant | None, student: Variant | None,
+                   bits: int) -> Family:
+    """The family a finished training run adds to Compare: the teacher (the reference), the student before
+    distillation (so the change is visible) and the run's releases.
 
     outputs is the trainer's end record: final/ (QAT release, or bf16 for 16 bits) and export/ (AWQ INT4 or
     packed INT8); training checkpoints and the metrics file are not loadable models and are left out.
@@ -268,6 +268,8 @@ def trained_family(run_name: str, outputs: dict[str, str], teacher: Variant | No
     labels = {"final": "trained BF16" if bits == 16 else f"trained W{bits}G128 (QAT release)",
               "export": "trained W4G128-AWQ" if bits == 4 else "trained W8G128 (packed INT8)"}
     variants = [Variant(f"teacher: {teacher.label}", teacher.source, teacher.kind)] if teacher else []
+    if student is not None:
+        variants.append(Variant(f"student before distillation: {student.label}", student.source, student.kind))
     fallback = "bf16" if bits == 16 else f"int{bits}"
     for key, path in outputs.items():
         if key in labels and path and is_checkpoint(Path(path)):

@@ -183,3 +183,14 @@ class ModelCache:
         left = deadline - time.monotonic()
         if left <= 0 or not self._cond.wait(timeout=left) and time.monotonic() >= deadline:
             raise CacheError(f"{why}; gave up after {self._wait_s:.0f} s, please try again")
+
+
+def process_memory() -> int | None:
+    """Resident memory of the whole server process now (Linux /proc; None elsewhere)."""
+    try:
+        import os
+
+        pages = int(open("/proc/self/statm").read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

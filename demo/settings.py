@@ -22,7 +22,7 @@ ENVIRONMENT = {
     "GRACE_CACHE_BYTES": ("8GiB", "memory budget of the model cache (`6e9`, `4GiB`, `500MB`); least recently "
                                   "used models are evicted past it"),
     "GRACE_DEVICE": ("cuda when available, else cpu", "device the models are loaded on"),
-    "GRACE_MAX_FILE_SIZE": ("10mb", "largest upload the server accepts"),
+    "GRACE_MAX_FILE_SIZE": ("10mb", "largest image accepted, however it arrives (upload or inline `data:` URL)"),
     "GRACE_MAX_IMAGE_PIXELS": ("25000000", "largest image (width x height) accepted; bigger ones, and "
                                             "decompression bombs, are refused"),
     "GRACE_MAX_QUESTION_CHARS": ("1000", "longest question accepted"),
@@ -39,9 +39,23 @@ ENVIRONMENT = {
                                    "ShareGPT4V *.json files become training data choices"),
     "GRACE_DEFAULT_FAMILY": ("Hub releases on a GPU, else the offline zoo", "family selected when the page opens"),
     "GRACE_RUNS_DIR": ("runs", "where training jobs write their checkpoints and metrics.jsonl"),
-    "GRACE_TRAIN": ("1", "0 removes the Train tab and its API endpoints"),
+    "GRACE_TRAIN": ("1; `view` on a public Space without GRACE_AUTH",
+                    "`1`: the Train tab starts and stops jobs; `view`: it only shows the runs (no start, stop, "
+                    "resume or delete); `0`: no Train tab and no training endpoints"),
     "GRACE_TRAIN_MAX_STEPS": ("5000", "most optimizer steps a job started from the UI may run"),
+    "GRACE_RUNS_MAX_BYTES": ("20GB", "disk budget of the runs folder: the oldest finished runs are deleted past it"),
+    "GRACE_RUNS_MAX_AGE_DAYS": ("30", "finished runs older than this are deleted (0 keeps them)"),
+    "GRACE_UPLOADS_MAX_AGE_HOURS": ("24", "uploads and downloads in Gradio's cache older than this are deleted"),
+    "GRACE_PRELOAD": ("1 on a ZeroGPU Space, else 0", "load the default family's columns at start-up (on CPU; "
+                                                       "ZeroGPU moves them to the GPU inside each call)"),
 }
+
+
+def settings_table() -> str:
+    """The README's table of environment variables (`python -m demo.settings` prints it)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{name}` | {default} | {meaning} |" for name, (default, meaning) in ENVIRONMENT.items()]
+    return "\n".join(rows)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -126,6 +140,19 @@ def _int(env: dict, name: str, default: int, minimum: int = 1) -> int:
     return number
 
 
+def _float(env: dict, name: str, default: float) -> float:
+    value = env.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {value!r}") from None
+    if not number >= 0:
+        raise SettingsError(f"{name} must be 0 or more, got {value!r}")
+    return number
+
+
 def _flag(env: dict, name: str, default: bool) -> bool:
     value = env.get(name)
     if value in (None, ""):
@@ -154,9 +181,31 @@ class Settings:
     allow_local: list[Path] = field(default_factory=list)
     default_family: str | None = None
     runs_dir: Path = REPO_ROOT / "runs"
-    train: bool = True
+    train_mode: str = "on"            # on | view | off
     train_max_steps: int = 5000
+    runs_max_bytes: int = 20 * 10**9
+    runs_max_age_days: float = 30.0
+    uploads_max_age_hours: float = 24.0
+    preload: bool = False
     examples_dir: Path = REPO_ROOT / "assets" / "examples"
+
+    @property
+    def train(self) -> bool:
+        return self.train_mode != "off"
+
+    @train.setter
+    def train(self, on: bool) -> None:
+        if not on:
+            self.train_mode = "off"
+
+    @property
+    def train_control(self) -> bool:
+        """Jobs may be started, stopped, resumed and deleted from the app."""
+        return self.train_mode == "on"
+
+    @property
+    def max_file_bytes(self) -> int:
+        return parse_bytes(self.max_file_size)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -164,14 +213,23 @@ class Settings:
         hub = (env.get("GRACE_HUB") or "auto").strip().lower()
         if hub not in ("auto", "on", "off"):
             raise SettingsError(f"GRACE_HUB must be auto, on or off, got {hub!r}")
+        auth = parse_auth(env.get("GRACE_AUTH"))
+        public_space = bool(env.get("SPACE_ID")) and not auth
+        train_mode = (env.get("GRACE_TRAIN") or ("view" if public_space else "1")).strip().lower()
+        train_mode = {"1": "on", "true": "on", "yes": "on", "on": "on", "view": "view", "read-only": "view",
+                      "0": "off", "false": "off", "no": "off", "off": "off"}.get(train_mode)
+        if train_mode is None:
+            raise SettingsError("GRACE_TRAIN must be 1, view or 0")
+        max_file_size = env.get("GRACE_MAX_FILE_SIZE") or "10mb"
+        parse_bytes(max_file_size)
         return cls(
             host=env.get("GRACE_HOST") or ("0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1"),
             port=_int(env, "GRACE_PORT", 7860),
-            auth=parse_auth(env.get("GRACE_AUTH")),
+            auth=auth,
             share=_flag(env, "GRACE_SHARE", False),
             cache_bytes=parse_bytes(env.get("GRACE_CACHE_BYTES") or "8GiB"),
             device=env.get("GRACE_DEVICE") or None,
-            max_file_size=env.get("GRACE_MAX_FILE_SIZE") or "10mb",
+            max_file_size=max_file_size,
             max_image_pixels=_int(env, "GRACE_MAX_IMAGE_PIXELS", 25_000_000, minimum=64),
             max_question_chars=_int(env, "GRACE_MAX_QUESTION_CHARS", 1000),
             max_new_tokens=_int(env, "GRACE_MAX_NEW_TOKENS", 512),
@@ -184,6 +242,14 @@ class Settings:
             allow_local=[Path(p) for p in (env.get("GRACE_ALLOW_LOCAL") or "").split(os.pathsep) if p.strip()],
             default_family=env.get("GRACE_DEFAULT_FAMILY") or None,
             runs_dir=Path(env.get("GRACE_RUNS_DIR") or REPO_ROOT / "runs"),
-            train=_flag(env, "GRACE_TRAIN", True),
+            train_mode=train_mode,
             train_max_steps=_int(env, "GRACE_TRAIN_MAX_STEPS", 5000),
+            runs_max_bytes=parse_bytes(env.get("GRACE_RUNS_MAX_BYTES") or "20GB"),
+            runs_max_age_days=_float(env, "GRACE_RUNS_MAX_AGE_DAYS", 30.0),
+            uploads_max_age_hours=_float(env, "GRACE_UPLOADS_MAX_AGE_HOURS", 24.0),
+            preload=_flag(env, "GRACE_PRELOAD", bool(env.get("SPACES_ZERO_GPU"))),
         )
+
+
+if __name__ == "__main__":
+    print(settings_table())
