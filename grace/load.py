@@ -22,6 +22,8 @@ from . import hub
 from .checkpoint_files import read_config, read_tensors, safetensors_files
 from .errors import GraceLoadError
 from .formats import detect_format
+from .quant.bf16 import fast_bf16_linears_
+from .quant.head import quantize_head_
 from .quant.qlinear import QuantizedLinear
 
 
@@ -33,6 +35,7 @@ class LoadedModel:
     path: Path               # the local folder it was read from
     format: str              # on-disk checkpoint format: plain | grace-awq | hf-awq | grace-qat | grace-int8
     checkpoint_kind: str     # what the checkpoint's linears mean: bf16 | int8 | int4
+    head: str = "bf16"       # lm_head as served: bf16 (as released) | int8 | int4 (load(head=...))
 
     @property
     def quantized_modules(self) -> list[str]:
@@ -82,12 +85,14 @@ def default_device() -> torch.device:
 
 
 def load(source: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         packed: bool = True, revision: str | None = None) -> LoadedModel:
+         packed: bool = True, revision: str | None = None, head: str | None = None) -> LoadedModel:
     """Load any GRACE release format, a Qwen3-VL checkpoint or a transformers AWQ checkpoint.
 
     source: local folder or Hub repo id. device: default CUDA when available, else CPU.
     dtype: of the non-quantized weights and activations (default bfloat16).
     packed: hold quantized linears as real 4/8-bit weights; False keeps a QAT release as stored.
+    head: "int8" / "int4" quantizes lm_head round-to-nearest (faster decode, changes the numerics;
+    see grace/quant/head.py for the bytes of a tied embedding); default None keeps the bf16 head.
     """
     from .processor import build_processor
 
@@ -110,6 +115,10 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
         if fmt.place is not None and (packed or not fmt.stores_plain_weights):
             fmt.place(model, info, tensors, folder, device, dtype)
         _load_plain(model, tensors, folder, device, dtype)
+    if head is not None:
+        quantize_head_(model, head)
+    if device.type == "cpu":
+        fast_bf16_linears_(model)      # few-row bf16 linears off oneDNN (grace/quant/bf16.py)
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
@@ -118,7 +127,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     except (OSError, ValueError, TypeError) as err:
         raise GraceLoadError(f"{folder}: the processor (tokenizer / image processor / chat template) could not "
                              f"be built: {err}") from None
-    return LoadedModel(model, processor, str(source), folder, fmt.name, info.kind)
+    return LoadedModel(model, processor, str(source), folder, fmt.name, info.kind, head or "bf16")
 
 
 def _load_plain(model: nn.Module, tensors: dict, folder: Path, device, dtype) -> None:
