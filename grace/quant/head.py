@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .int4 import Int4Linear
-from .int8 import Int8Linear
-from .quantize import replace_module, rtn_codes
+from .quantize import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_, replace_module
 
 HEAD_KINDS = ("int8", "int4")
 
@@ -44,18 +42,14 @@ def quantize_head_(model: nn.Module, kind: str) -> dict:
         raise ValueError(f"'{name}' is a {type(head).__name__}, not a linear layer")
     weight = head.weight
     tied = weight is model.get_input_embeddings().weight
-    bits, group_size = (8 if kind == "int8" else 4), head_group_size(head.in_features)
-    codes, scales = rtn_codes(weight, bits, group_size, fp16_scales=bits == 4)
-    args = (head.in_features, head.out_features, head.bias is not None, group_size, weight.dtype, weight.device)
-    if bits == 4:
-        new = Int4Linear(*args).set_codes((codes.to(torch.int16) + 8).to(torch.uint8), scales, torch.full_like(scales, 8))
-    else:
-        new = Int8Linear(*args).set_codes(codes, scales)
-    if head.bias is not None:
-        new.bias.data = head.bias.detach().clone()
-    replace_module(model, name, new)
+    group_size = head_group_size(head.in_features)
+    config = (Int8WeightOnlyConfig if kind == "int8" else Int4WeightOnlyConfig)(group_size=group_size)
+    holder = nn.Sequential(head)            # quantize_ exactly as it does decoder linears, on the head alone
+    quantize_(holder, config)
+    replace_module(model, name, holder[0])
     # the head is no longer the embedding's tensor: keep transformers from re-tying them (tie_weights)
-    for config in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
-        if config is not None and getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
+    model_config = getattr(model, "config", None)
+    for cfg in (model_config, getattr(model_config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
     return {"module": name, "kind": kind, "group_size": group_size, "tied_embedding_kept": tied}
