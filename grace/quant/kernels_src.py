@@ -11,48 +11,62 @@ SOURCE = r"""
 #include <string.h>
 
 static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f_to_bf16(float f) {  // round to nearest even, NaN -> 0x7fc0 (as c10::BFloat16)
-    uint32_t u; memcpy(&u, &f, 4);
-    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : (uint16_t)r;
-}
-
-// ---- dequantize into bf16 [N, K], bit-identical to the modules' dequantize() -------------------------
-// Rows n0 .. n0 + rows - 1 of the weight go to out [rows, K].
-void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t N, int64_t K, int64_t gs,
-                        int64_t n0, int64_t rows, int nt) {
-    int64_t G = K / gs;  // q is [G, N, gs], s [G, N]
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t n = n0; n < n0 + rows; n++)
-        for (int64_t g = 0; g < G; g++) {
-            float sc = bf16_to_f(s[g * N + n]);
-            const int8_t *qg = q + (g * N + n) * gs;
-            uint16_t *o = out + (n - n0) * K + g * gs;
-            for (int64_t j = 0; j < gs; j++) o[j] = f_to_bf16((float)qg[j] * sc);  // q * s is exact in fp32
-        }
-}
-
-void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t N, int64_t K, int64_t gs,
-                        int64_t n0, int64_t rows, int nt) {
-    int64_t G = K / gs;  // p is [N, K/2] (low nibble = even column), sz [G, N, 2] = (scale, offset)
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t n = n0; n < n0 + rows; n++)
-        for (int64_t g = 0; g < G; g++) {
-            float sc = bf16_to_f(sz[(g * N + n) * 2]), zo = bf16_to_f(sz[(g * N + n) * 2 + 1]);
-            const uint8_t *pg = p + n * (K / 2) + g * gs / 2;
-            uint16_t *o = out + (n - n0) * K + g * gs;
-            for (int64_t j = 0; j < gs / 2; j++) {  // (c - 8) * s is exact, so one rounding, as in fp32 torch
-                o[2 * j] = f_to_bf16((float)((int)(pg[j] & 15) - 8) * sc + zo);
-                o[2 * j + 1] = f_to_bf16((float)((int)(pg[j] >> 4) - 8) * sc + zo);
-            }
-        }
-}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 int grace_kernels_version(void) { return 1; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
+
+// ---- dequantize rows n0 .. n0+rows-1 into bf16 [rows, K], as the modules' dequantize(): one rounding to
+// nearest even of the exact fp32 value; the hardware conversion flushes results below 2^-126 to zero
+// (torch keeps those denormals) and keeps NaN payloads: no weight of a finite-scale model is either.
+static inline void store_bf16_x32(uint16_t *o, __m512 lo, __m512 hi) {
+    _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t N, int64_t K, int64_t gs,
+                        int64_t n0, int64_t rows, int nt) {
+    int64_t G = K / gs;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t n = n0; n < n0 + rows; n++)
+        for (int64_t g = 0; g < G; g++) {
+            __m512 sv = _mm512_set1_ps(bf16_to_f(s[g * N + n]));
+            const int8_t *qg = q + (g * N + n) * gs;
+            uint16_t *o = out + (n - n0) * K + g * gs;
+            for (int64_t j = 0; j < gs; j += 32) {
+                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j))));
+                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j + 16))));
+                store_bf16_x32(o + j, _mm512_mul_ps(w0, sv), _mm512_mul_ps(w1, sv));
+            }
+        }
+}
+
+void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t N, int64_t K, int64_t gs,
+                        int64_t n0, int64_t rows, int nt) {
+    int64_t G = K / gs;
+    const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+    // 8 bytes hold columns 16c .. 16c+15: even columns in the low nibbles, odd ones in the high nibbles
+    const __m512i even = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t n = n0; n < n0 + rows; n++)
+        for (int64_t g = 0; g < G; g++) {
+            __m512 sv = _mm512_set1_ps(bf16_to_f(sz[(g * N + n) * 2])), zv = _mm512_set1_ps(bf16_to_f(sz[(g * N + n) * 2 + 1]));
+            const uint8_t *pg = p + n * (K / 2) + g * gs / 2;
+            uint16_t *o = out + (n - n0) * K + g * gs;
+            for (int64_t j = 0; j < gs; j += 32) {
+                __m512 w[2];
+                for (int h = 0; h < 2; h++) {
+                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pg + (j + 16 * h) / 2)));
+                    __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(even, bytes), shift), low);
+                    // (c - 8) * s is exact, so mul + add rounds once, like fp32 torch (and like an fma)
+                    w[h] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, eight)), sv), zv);
+                }
+                store_bf16_x32(o + j, w[0], w[1]);
+            }
+        }
+}
 
 // ---- bf16: y[m, n] = sum_k x[m, k] w[n, k]; tiles of R output rows x MM activation rows -------------
 ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *w, float *y, int64_t N, int64_t K,
