@@ -104,22 +104,27 @@ void grace_gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t M, 
 // Group-outer within a chunk of rows, so the weights stream through q[g] block by block; the running
 // sums per row live in a small fp32 buffer part[MM][chunk][16] (L1/L2).
 #define I8_CHUNK 256
-ALWAYS void int8_chunk(const float *x, const int8_t *q, const uint16_t *s, float *y, int64_t N, int64_t K, int64_t gs,
+ALWAYS void int8_chunk(const uint16_t *x, const int8_t *q, const uint16_t *s, float *y, int64_t N, int64_t K, int64_t gs,
                        int64_t n0, int64_t rows, int64_t m0, const int MM, float *part) {
     int64_t G = K / gs;
     memset(part, 0, sizeof(float) * 16 * MM * I8_CHUNK);
     for (int64_t g = 0; g < G; g++) {
-        const float *xg = x + m0 * K + g * gs;
+        const uint16_t *xg = x + m0 * K + g * gs;
         for (int64_t r = 0; r < rows; r++) {
             const int8_t *qr = q + (g * N + n0 + r) * gs;
             __m512 a[4][2];
             for (int i = 0; i < MM; i++) { a[i][0] = _mm512_setzero_ps(); a[i][1] = _mm512_setzero_ps(); }
-            for (int64_t j = 0; j < gs; j += 32) {
-                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j))));
-                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j + 16))));
+#pragma GCC unroll 4
+            for (int64_t j = 0; j < gs; j += 64) {
+                // int8 codes are exact in bf16: convert 32 at a time, then one bf16 dot product per row
+                __m512 c0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j))));
+                __m512 c1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j + 16))));
+                __m512 c2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j + 32))));
+                __m512 c3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j + 48))));
+                __m512bh w0 = _mm512_cvtne2ps_pbh(c1, c0), w1 = _mm512_cvtne2ps_pbh(c3, c2);
                 for (int i = 0; i < MM; i++) {
-                    a[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + i * K + j), w0, a[i][0]);
-                    a[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + i * K + j + 16), w1, a[i][1]);
+                    a[i][0] = _mm512_dpbf16_ps(a[i][0], (__m512bh)_mm512_loadu_si512(xg + i * K + j), w0);
+                    a[i][1] = _mm512_dpbf16_ps(a[i][1], (__m512bh)_mm512_loadu_si512(xg + i * K + j + 32), w1);
                 }
             }
             __m512 sv = _mm512_set1_ps(bf16_to_f(s[g * N + n0 + r]));
@@ -135,8 +140,6 @@ ALWAYS void int8_chunk(const float *x, const int8_t *q, const uint16_t *s, float
 
 void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, float *y, int64_t M, int64_t N, int64_t K,
                      int64_t gs, int nt) {
-    float *xf = (float *)malloc(sizeof(float) * M * K);
-    for (int64_t k = 0; k < M * K; k++) xf[k] = bf16_to_f(x[k]);
 #pragma omp parallel num_threads(nt)
     {
         float *part = (float *)aligned_alloc(64, sizeof(float) * 16 * 4 * I8_CHUNK);
@@ -145,13 +148,12 @@ void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, floa
             int64_t n0 = b * I8_CHUNK, rows = N - n0 < I8_CHUNK ? N - n0 : I8_CHUNK;
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 int64_t mm = M - m0 < 4 ? M - m0 : 4;
-#define I8_CALL(T) int8_chunk(xf, q, s, y, N, K, gs, n0, rows, m0, T, part)
+#define I8_CALL(T) int8_chunk(x, q, s, y, N, K, gs, n0, rows, m0, T, part)
                 FOR_M(mm, I8_CALL);
             }
         }
         free(part);
     }
-    free(xf);
 }
 
 // ---- int4 groups: W[n, k] = (c[n, k] - 8) * sz[g, n, 0] + sz[g, n, 1]; c two per byte, low = even k ---
@@ -162,17 +164,18 @@ void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, floa
 ALWAYS void int4_tile(const uint16_t *xp, const float *sx, const uint8_t *p, const uint16_t *sz, float *y, int64_t N,
                       int64_t K, int64_t gs, int64_t n0, int64_t m0, const int MM, const int R) {
     const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
-    __m512 tot[4][4];
-    float off[4][4];
+    __m512 tot[4][8];
+    float off[4][8];
     for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) { tot[i][r] = _mm512_setzero_ps(); off[i][r] = 0.f; }
     int64_t G = K / gs;
     const uint8_t *pr = p + n0 * (K / 2);
     for (int64_t g = 0; g < G; g++) {
-        __m512 a[4][4][2];
+        __m512 a[4][8][2];
         for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) { a[i][r][0] = _mm512_setzero_ps(); a[i][r][1] = _mm512_setzero_ps(); }
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 128) {
             for (int r = 0; r < R; r++) {
                 __m512i v = _mm512_loadu_si512(pr + r * (K / 2) + c / 2);
+                _mm_prefetch((const char *)(pr + (R + r) * (K / 2) + c / 2), _MM_HINT_T0);  // the next tile's row
                 __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(v, low, magic, 0xEA), w1 = NIB(v, 4), w2 = NIB(v, 8);
                 __m512bh w3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
                 for (int i = 0; i < MM; i++) {
@@ -214,6 +217,9 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, fl
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < (N + 3) / 4; b++) {
         int64_t n0 = b * 4;
+        // one activation row: tiles of 8 output rows (even blocks take their odd neighbour's rows)
+        if (M == 1 && (b & 1) && n0 + 4 <= N) continue;
+        if (M == 1 && n0 + 8 <= N) { int4_tile(xp, sx, p, sz, y, N, K, gs, n0, 0, 1, 8); continue; }
         for (int64_t m0 = 0; m0 < M; m0 += 2) {  // two activation rows per pass keep the accumulators in registers
             int64_t mm = M - m0 < 2 ? M - m0 : 2;
             if (n0 + 4 <= N) {
