@@ -144,7 +144,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x @ W.T for W[n, k] = q[g, n, k % gs] * s[g, n]: qweight int8 [G, N, gs], scales bf16 [G, N]."""
+    """x @ W.T for W[n, k] = q[g, n, k % gs] * s[g, n]: qweight int8 [G, N, gs], scales bf16 [G, N]; gs a multiple of 64."""
     x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[1]
