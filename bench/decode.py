@@ -6,7 +6,7 @@ without a quantized lm_head, prefill and decode, each beside its weight-bytes ro
 One model: `qwen3vl_2b_config()` (all 28 decoder layers, the 151 936-token tied embedding / lm_head,
 the vision tower unused) with random bf16 weights. The variants are the same model with modules
 swapped in place between runs, so only one model's tensors are held (the quantized linears come from
-grace.quantize_ and grace.quant.head.quantize_head_ on those weights):
+grace.quantize_(model, _util.bench_config(bits)) and grace.quant.head.quantize_head_ on those weights):
 
   bf16 torch        every linear a plain nn.Linear (F.linear: oneDNN)
   bf16 oneDNN off   the same, with torch's process-wide oneDNN flag off for the single-token steps
@@ -79,8 +79,8 @@ class Variants:
         assert self.bf16_head.weight is model.get_input_embeddings().weight
         plain = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
         self.linears = {}
-        for bits, config in ((8, grace.Int8WeightOnlyConfig()), (4, grace.Int4WeightOnlyConfig())):
-            names = grace.quantize_(model, config)
+        for bits in (8, 4):
+            names = grace.quantize_(model, U.bench_config(bits))
             self.linears[bits] = {n: model.get_submodule(n) for n in names}
             for n in names:
                 replace_module(model, n, plain[n])

@@ -51,6 +51,7 @@ HEAD = (2048, 151_936)
 COLD_BYTES = 256 << 20
 BIG = 1 << 30
 GEMV_MAX_M = 64          # GEMV variants are not timed above this (they are far behind by then)
+NO_ONEDNN_MAX_M = 8      # nor F.linear with oneDNN off (2-4x behind oneDNN from M = 4 on; minutes at M = 256)
 BF16 = ("bf16_onednn", "bf16_no_onednn", "bf16_grace")
 LABEL = {"bf16_onednn": "bf16 F.linear (oneDNN)", "bf16_no_onednn": "bf16 F.linear, oneDNN off",
          "bf16_grace": "bf16 grace GEMV", "int8_gemv": "grace INT8 GEMV", "int8_dequant": "grace INT8 dequant+GEMM",
@@ -135,8 +136,8 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
     linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
     nn.init.normal_(linear.weight, std=0.02)
     g = k // 128
-    m8 = quantized(linear, grace.Int8WeightOnlyConfig())
-    m4 = quantized(linear, grace.Int4WeightOnlyConfig())
+    m8 = quantized(linear, U.bench_config(8))
+    m4 = quantized(linear, U.bench_config(4))
     q_row = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     s_row = torch.rand(n, dtype=torch.bfloat16) * 0.001
     torch_int4 = (torch._convert_weight_to_int4pack_for_cpu(m4.codes().to(torch.int32), 2), m4.scales_and_zeros)
@@ -162,12 +163,13 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
         nxt = {key: rotating(v) for key, v in pool.items()}
         nxt_fast = rotating(fast)
         fns = {"bf16_onednn": lambda: F.linear(x, nxt["bf16"]()),
-               "bf16_no_onednn": lambda: no_onednn(x, nxt["bf16"]()),
                "int8_dequant": lambda: _forced(q8, -1, nxt["int8"](), x),
                "int4_dequant": lambda: _forced(q4, -1, nxt["int4"](), x),
                "torch_int8_row": lambda: torch._weight_int8pack_mm(x, nxt["torch_int8_row"](), s_row),
                "torch_int4": lambda: torch._weight_int4pack_mm_for_cpu(x, *_first_sz(nxt["torch_int4"]())),
                **{name: (lambda f=nxt[name]: f()(x)) for name in pool if name.startswith(("ao_", "quanto_"))}}
+        if m <= NO_ONEDNN_MAX_M:
+            fns["bf16_no_onednn"] = lambda: no_onednn(x, nxt["bf16"]())
         if m <= GEMV_MAX_M and kernels.available():
             fns |= {"bf16_grace": lambda: _forced(qb, BIG, nxt_fast(), x),
                     "int8_gemv": lambda: _forced(q8, BIG, nxt["int8"](), x),

@@ -15,8 +15,8 @@ from torch import nn
 
 from . import kernels
 
-# up to this many rows grace's bf16 GEMV beats oneDNN's GEMM (bench/linear_kernels.py sweep)
-KERNEL_MAX_ROWS = 8
+# up to this many rows grace's bf16 GEMV beats oneDNN's GEMM (bench/linear_kernels.py: crossovers in the quiet rows of the sweep)
+KERNEL_MAX_ROWS = 16
 
 
 class FastBF16Linear(nn.Linear):

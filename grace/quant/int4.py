@@ -34,8 +34,8 @@ CUDA_INNER_K_TILES = 8
 # fp32 activations make the CPU int4 kernel slow for many rows (it is tuned for bf16);
 # above this many rows an fp32 forward dequantizes instead (see bench/linear_kernels.py).
 FP32_KERNEL_MAX_ROWS = 4
-# up to this many rows grace's int4 GEMV beats dequantize + bf16 GEMM (bench/linear_kernels.py sweep)
-KERNEL_MAX_ROWS = 8
+# up to this many rows grace's int4 GEMV beats dequantize + bf16 GEMM (bench/linear_kernels.py: crossovers in the quiet rows of the sweep)
+KERNEL_MAX_ROWS = 16
 _REPACK_LOCK = threading.Lock()
 
 
@@ -96,6 +96,7 @@ class Int4Linear(QuantizedLinear):
         device = torch.device(device or "cpu")
         codes = torch.full((out_features, in_features), 8, dtype=torch.uint8, device=device)
         self.layout = layout_for(device, out_features, in_features, group_size, dtype)
+        self._packed_for = (device, dtype)
         self.register_buffer("weight_packed", _pack(self.layout, codes))
         self.register_buffer("scales_and_zeros",
                              torch.zeros(in_features // group_size, out_features, 2, dtype=dtype, device=device))
@@ -118,6 +119,7 @@ class Int4Linear(QuantizedLinear):
         layout = layout_for(codes.device, self.out_features, self.in_features, self.group_size, self.scales_and_zeros.dtype)
         packed = _pack(layout, codes)
         self.weight_packed, self.layout = packed, layout
+        self._packed_for = (codes.device, self.scales_and_zeros.dtype)   # device and dtype the layout was chosen for
 
     # -- reading back ---------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -148,39 +150,40 @@ class Int4Linear(QuantizedLinear):
 
     # -- compute ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._repack_if_moved()
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
         sz, packed, gs = self.scales_and_zeros, self.weight_packed, self.group_size
+        if (packed.device, sz.dtype) != self._packed_for:      # tensors moved behind our back (ZeroGPU)
+            self._repack_if_moved()
+            sz, packed = self.scales_and_zeros, self.weight_packed
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(sz.dtype)
         rows = x2.shape[0]
-        if self.layout == "plain" and sz.dtype == torch.bfloat16 and gs % 128 == 0 and kernels.usable(x2.to(sz.dtype), packed):
-            x2 = x2.to(sz.dtype)
+        if self.layout == "plain" and sz.dtype == torch.bfloat16 and gs % 128 == 0 and kernels.usable(x2, packed):
             if rows <= KERNEL_MAX_ROWS:
                 y = kernels.linear_int4(x2, packed, sz, gs)
             else:
                 y = kernels.dequantized_linear(x2, lambda start, n, out: kernels.dequant_int4(packed, sz, gs, start, n, out),
                                                self.out_features, self.in_features)
         elif self.layout == "cpu" and (sz.dtype != torch.float32 or rows <= FP32_KERNEL_MAX_ROWS):
-            y = torch._weight_int4pack_mm_for_cpu(x2.to(sz.dtype).contiguous(), packed, self.group_size, sz)
+            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, gs, sz)
         elif self.layout == "cuda":
-            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed, self.group_size, sz.to(torch.bfloat16))
+            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed, gs, sz.to(torch.bfloat16))
         else:
-            y = F.linear(x2.to(sz.dtype), self.dequantize())
+            y = F.linear(x2, self.dequantize())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _repack_if_moved(self) -> None:
-        """Tensors moved without Module.to() (ZeroGPU) keep the old device's layout: repack them once."""
-        if self._wanted_layout() == self.layout:
-            return
-        with _REPACK_LOCK:                                     # re-checked under the lock: one thread repacks
-            if self._wanted_layout() != self.layout:
+        """The bytes are in the layout of the device (and dtype) they were packed for, `_packed_for`; once
+        their tensors sit elsewhere, decode them in that layout and repack for where they are, once."""
+        with _REPACK_LOCK:                                     # one thread repacks, the others see the result
+            here = (self.weight_packed.device, self.scales_and_zeros.dtype)
+            if here == self._packed_for:
+                return
+            wanted = layout_for(here[0], self.out_features, self.in_features, self.group_size, here[1])
+            if wanted != self.layout:
                 self._pack_codes(self.codes())
-
-    def _wanted_layout(self) -> str:
-        return layout_for(self.weight_packed.device, self.out_features, self.in_features, self.group_size,
-                          self.scales_and_zeros.dtype)
+            self._packed_for = here
 
     # -- device moves repack for the new device's kernel --------------------------------------------
     def _apply(self, fn, recurse=True):

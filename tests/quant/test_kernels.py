@@ -93,16 +93,17 @@ def test_chunked_dequantized_gemm(monkeypatch):
 
 
 def test_modules_fall_back_to_torch_kernels(monkeypatch):
-    """Without grace's kernels every module still computes its reference: a plain-layout Int4Linear built
-    for the kernels repacks itself into torch's CPU layout at its next forward."""
-    m4, m8 = int4_module(256, 64, 128), int8_module(256, 64, 128)
+    """Without grace's kernels every module still computes its reference: one built without them holds
+    torch's CPU layout, one built with them keeps the plain nibbles and takes the dequantize path."""
+    built_with = int4_module(256, 64, 128)
     x = torch.randn(3, 256).to(torch.bfloat16)
     monkeypatch.setattr(kernels, "available", lambda: False)
+    built_without, m8 = int4_module(256, 64, 128), int8_module(256, 64, 128)
+    assert built_without.layout == "cpu"
     with torch.inference_mode():
-        for module in (m4, m8):
+        for module in (built_with, built_without, m8):
             ref = x.double() @ exact_group_weight(module).t() + module.bias.double()
             assert rel(module(x), ref) < 6e-3
-    assert m4.layout == "cpu"
 
 
 def test_fallback_when_the_compiler_fails(tmp_path):

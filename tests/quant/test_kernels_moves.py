@@ -34,28 +34,39 @@ def count_repacks(monkeypatch) -> list:
 
 
 def test_int4_repacks_once_when_the_bytes_arrive_in_another_devices_layout(monkeypatch):
-    """Simulated on CPU: the module is packed while the (fake-tagged) device's kernel wants torch's
-    CPU layout; then its tensors are replaced behind its back on a device whose kernel wants another
-    layout. The first forward repacks, the next ones do not, and the output is the reference's."""
-    real_layout_for = q4.layout_for
-    other = {"cpu": "plain", "plain": "cpu"}
-    start = real_layout_for(torch.device("cpu"), 64, 256, 128, torch.bfloat16)
-    # the device tag "packed for": the layout the other CPU kernel family reads
-    monkeypatch.setattr(q4, "layout_for", lambda device, n, k, g, dtype: other[start] if device.type == "cpu" else "cuda")
+    """Simulated on CPU with a fake device tag: the module's bytes are in the layout another device's
+    kernel reads (the other CPU layout), tagged as packed for that device; then its tensors are
+    replaced behind its back on the CPU. The first forward repacks, the next ones do not, and the
+    output is the reference's."""
     module = int4_module(256, 64, 128)
-    assert module.layout == other[start]
     reference = exact_group_weight(module)
-    monkeypatch.setattr(q4, "layout_for", real_layout_for)   # the tensors "arrive" where `start` is wanted
+    here = module.layout
+    other = "plain" if here == "cpu" else "cpu"
+    module.weight_packed, module.layout = q4._pack(other, module.codes()), other
+    module._packed_for = (torch.device("meta"), torch.bfloat16)      # the fake tag: "packed on another device"
+    assert torch.equal(exact_group_weight(module), reference)
     move_behind_its_back(module, "cpu")
     repacks = count_repacks(monkeypatch)
     x = torch.randn(2, 3, 256).to(torch.bfloat16)
     with torch.inference_mode():
         first = module(x)
         second = module(x)
-    assert len(repacks) == 1 and module.layout == start
+    assert len(repacks) == 1 and module.layout == here
     assert torch.equal(first, second)
     assert rel(first, x.double() @ reference.t() + module.bias.double()) < 4e-3
     assert torch.equal(exact_group_weight(module), reference)
+
+
+def test_int4_same_layout_on_the_new_device_is_not_repacked(monkeypatch):
+    """Bytes whose layout the new device also reads (the plain nibbles) just get re-tagged."""
+    module = int4_module(256, 64, 128)
+    module.weight_packed, module.layout = q4._pack("plain", module.codes()), "plain"
+    module._packed_for = (torch.device("meta"), torch.bfloat16)
+    monkeypatch.setattr(q4, "layout_for", lambda *a: "plain")
+    repacks = count_repacks(monkeypatch)
+    with torch.inference_mode():
+        module(torch.randn(1, 256).to(torch.bfloat16))
+    assert repacks == [] and module._packed_for == (torch.device("cpu"), torch.bfloat16)
 
 
 def test_int4_no_repack_when_nothing_moved(monkeypatch):
