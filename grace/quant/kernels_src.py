@@ -71,7 +71,7 @@ void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int
 // ---- bf16: y[m, n] = sum_k x[m, k] w[n, k]; tiles of R output rows x MM activation rows -------------
 ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *w, float *y, int64_t N, int64_t K,
                       int64_t n0, int64_t m0, const int MM, const int R) {
-    __m512 acc[4][4];
+    __m512 acc[4][8];
     for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
         __m512bh xv[4];
@@ -88,6 +88,8 @@ void grace_gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t M, 
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < (N + 3) / 4; b++) {
         int64_t n0 = b * 4;
+        if (M == 1 && (b & 1) && n0 + 4 <= N) continue;      // one row: 8-row tiles, as for int4 below
+        if (M == 1 && n0 + 8 <= N) { bf16_tile(x, w, y, N, K, n0, 0, 1, 8); continue; }
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             int64_t mm = M - m0 < 4 ? M - m0 : 4;
             if (n0 + 4 <= N) {
