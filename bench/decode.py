@@ -217,10 +217,10 @@ def main(argv=None) -> dict:
     targets = []
     for name, goal in (("int4", 2.0), ("int4_head4", 2.5), ("int8", 1.3)):
         got = summary[name]["decode_speedup_vs_best_bf16"]
-        targets.append(f"{LABEL[name]} decode ≥ {goal}× the best BF16: {got:.2f}× — {'met' if got >= goal else 'MISSED'}")
+        targets.append(f"{LABEL[name]} decode ≥ {goal}× the best BF16: {got:.3f}× — {'met' if got >= goal else 'MISSED'}")
     for name in ("int8", "int4"):
         got = summary[name]["prefill_speedup_vs_best_bf16"]
-        targets.append(f"{LABEL[name]} prefill of {args.prompt_len} rows ≥ 0.9× the best BF16: {got:.2f}× — "
+        targets.append(f"{LABEL[name]} prefill of {args.prompt_len} rows ≥ 0.9× the best BF16: {got:.3f}× — "
                        f"{'met' if got >= 0.9 else 'MISSED'}")
     md = "\n".join([
         f"Qwen3-VL-2B text model, {layers} decoder layers, random weights; prompt {args.prompt_len} tokens, greedy "

@@ -26,6 +26,7 @@ class FastBF16Linear(nn.Linear):
         w = self.weight
         rows = x.numel() // max(1, self.in_features)
         if (rows <= KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and self.in_features % 32 == 0
+                and kernels.worth_it(self.out_features, self.in_features)
                 and not (torch.is_grad_enabled() and w.requires_grad) and kernels.usable(x, w)):
             y = kernels.linear_bf16(x.reshape(-1, self.in_features), w)
             if self.bias is not None:

@@ -67,7 +67,8 @@ def layout_for(device: torch.device, n: int, k: int, group_size: int, dtype: tor
     """The storage layout of an [n, k] weight whose tensors live on `device`."""
     if device.type == "cuda" and n % 8 == 0 and k % (CUDA_INNER_K_TILES * 16) == 0:
         return "cuda"
-    if device.type == "cpu" and dtype == torch.bfloat16 and group_size % 128 == 0 and kernels.available():
+    if (device.type == "cpu" and dtype == torch.bfloat16 and group_size % 128 == 0 and kernels.worth_it(n, k)
+            and kernels.available()):
         return "plain"                                          # grace's CPU kernels read nibbles as they are
     if device.type == "cpu" and n % 16 == 0 and k % 2 == 0:
         return "cpu"
@@ -157,7 +158,8 @@ class Int4Linear(QuantizedLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(sz.dtype)
         rows = x2.shape[0]
-        if self.layout == "plain" and sz.dtype == torch.bfloat16 and gs % 128 == 0 and kernels.usable(x2, packed):
+        if (self.layout == "plain" and sz.dtype == torch.bfloat16 and gs % 128 == 0
+                and kernels.worth_it(self.out_features, self.in_features) and kernels.usable(x2, packed)):
             if rows <= KERNEL_MAX_ROWS:
                 y = kernels.linear_int4(x2, packed, sz, gs)
             else:

@@ -62,7 +62,8 @@ class Int8Linear(QuantizedLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
         q, s, gs, rows = self.qweight, self.scales, self.group_size, x2.shape[0]
-        if s.dtype == torch.bfloat16 and gs % 64 == 0 and kernels.usable(x2, q):
+        if (s.dtype == torch.bfloat16 and gs % 64 == 0 and kernels.worth_it(self.out_features, self.in_features)
+                and kernels.usable(x2, q)):
             if rows <= KERNEL_MAX_ROWS:
                 y = kernels.linear_int8(x2, q, s, gs)
             else:

@@ -25,6 +25,12 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="grace's CPU 
 SHAPES = [(256, 64, 128), (384, 70, 128), (512, 36, 256), (256, 5, 128)]
 
 
+
+@pytest.fixture(autouse=True)
+def kernels_on_small_weights(monkeypatch):
+    """The tests use small modules: let the kernels take them (production skips weights < MIN_WEIGHTS)."""
+    monkeypatch.setattr(kernels, "MIN_WEIGHTS", 0)
+
 @needs_kernels
 @pytest.mark.parametrize("in_f,out_f,group", SHAPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])

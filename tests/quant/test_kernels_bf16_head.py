@@ -18,6 +18,12 @@ from grace.quant.int8 import Int8Linear
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="grace's CPU kernels need x86-64 AVX-512 BF16 and cc")
 
 
+
+@pytest.fixture(autouse=True)
+def kernels_on_small_weights(monkeypatch):
+    """The tests use small modules: let the kernels take them (production skips weights < MIN_WEIGHTS)."""
+    monkeypatch.setattr(kernels, "MIN_WEIGHTS", 0)
+
 def bf16_linear(in_f=256, out_f=70, seed=0):
     torch.manual_seed(seed)
     module = nn.Linear(in_f, out_f, dtype=torch.bfloat16)
@@ -128,3 +134,18 @@ def test_quantized_head_rejects_unknown_kinds(tmp_path):
     model = grace.load(save_tiny(tmp_path / "m"), device="cpu").model
     with pytest.raises(ValueError, match="head must be one of"):
         quantize_head_(model, "int3")
+
+
+def test_small_weights_stay_on_torch_kernels(monkeypatch):
+    """Below MIN_WEIGHTS (tiny models) torch's lower per-call cost wins: no grace kernel is called."""
+    monkeypatch.setattr(kernels, "MIN_WEIGHTS", 1 << 20)
+    calls = []
+    for name in ("linear_bf16", "linear_int8", "linear_int4"):
+        monkeypatch.setattr(kernels, name, lambda *a, name=name: calls.append(name))
+    from grace.quant import int4 as q4
+
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    with torch.inference_mode():
+        bf16_linear()(x)
+        assert q4.layout_for(torch.device("cpu"), 64, 256, 128, torch.bfloat16) == "cpu"
+    assert calls == []

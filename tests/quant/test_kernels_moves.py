@@ -16,6 +16,12 @@ except ImportError:                      # tests/ collected without packages (ro
     from kernel_cases import exact_group_weight, int4_module, int8_module, rel
 
 
+
+@pytest.fixture(autouse=True)
+def kernels_on_small_weights(monkeypatch):
+    """The tests use small modules: let the kernels take them (production skips weights < MIN_WEIGHTS)."""
+    monkeypatch.setattr(kernels, "MIN_WEIGHTS", 0)
+
 def move_behind_its_back(module: torch.nn.Module, device) -> None:
     """What ZeroGPU does: every tensor replaced by a copy on `device`, no Module._apply."""
     for sub in module.modules():
