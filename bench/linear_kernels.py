@@ -1,25 +1,35 @@
-"""Linear kernels on Qwen3-VL-2B's decoder shapes: bf16 F.linear vs Int8Linear vs Int4Linear.
+"""Linear kernels on Qwen3-VL-2B's shapes with cold weights: every bf16 path, our INT8/INT4, and peers.
 
-    python bench/linear_kernels.py [--quick] [--threads N]
+    python bench/linear_kernels.py [--quick] [--threads N] [--ms 1,2,4,...] [--no-head]
 
-Part 1, at M = 1 and 16 rows, all variants interleaved in one loop:
-  * bf16 activations: bf16 F.linear vs Int8Linear vs Int4Linear (bf16 modules);
-  * fp32 activations (reference): fp32 F.linear vs Int8Linear / Int4Linear built with dtype=float32,
-    through their forward as it stands (so whichever kernel/dequant path the thresholds pick);
-  * the error of each against an fp64 matmul with its own (dequantized) weight.
-Part 2, the thresholds: Int8Linear's per-group int8 kernel loop vs its dequantize path (bf16 and
-fp32 activations), and the fp32 Int4Linear's kernel vs its dequantize path, at M = 1..16 (and
-beyond in full mode, to find where they cross), forced by patching the modules' thresholds
-(int8.KERNEL_MAX_ROWS / int8.FP32_KERNEL_MAX_ROWS / int4.FP32_KERNEL_MAX_ROWS).
+For each shape (the decoder's q/o 2048→2048, k/v 2048→1024, gate/up 2048→6144, down 6144→2048 and
+lm_head 2048→151936) and each number of rows M, all variants are timed interleaved in one loop:
 
-Codes and scales are random (speed does not depend on them). Writes bench/results/linear_kernels.json.
+  bf16      torch F.linear (oneDNN, the default) · F.linear with oneDNN switched off (a process-wide
+            flag: fine in a benchmark, not in a server) · grace's bf16 GEMV (FastBF16Linear)
+  ours      Int8Linear / Int4Linear, each path forced: the GEMV and the dequantize + bf16 GEMM
+  peers     torch's per-row int8 `_weight_int8pack_mm` and int4 `_weight_int4pack_mm_for_cpu`,
+            torchao (Int8WeightOnlyConfig, PrototypeInt4WeightOnlyConfig), optimum-quanto
+            (qint8, qint4): each only if installed (optional bench dependencies)
+
+Weights are cold as in real decode: each variant rotates over copies of its weights totalling at
+least 256 MB (> the 32 MB L3), so every call reads them from DRAM. The read bandwidth is measured
+(best of 5 sums of a 1 GiB fp32 tensor, before and after) and each time is also given as a share
+of it (bytes the variant must read / time / bandwidth). The bf16 reference of every speedup is the
+FASTEST bf16 path at that M. Quantized weights come from the library (grace.quantize_ on a bf16
+linear; peers quantize the same bf16 weight). Writes bench/results/linear_kernels.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
+import statistics
 import sys
+import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,294 +37,267 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util as U  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
-import grace.quant.int4 as q4  # noqa: E402
-import grace.quant.int8 as q8  # noqa: E402
+import grace  # noqa: E402
+from grace.quant import bf16 as qb  # noqa: E402
+from grace.quant import int4 as q4  # noqa: E402
+from grace.quant import int8 as q8  # noqa: E402
+from grace.quant import kernels  # noqa: E402
+from grace.quant.bf16 import fast_bf16_linears_  # noqa: E402
 
-SHAPES = [(2048, 2048), (2048, 6144), (6144, 2048)]    # (in, out): q/o_proj, gate/up_proj, down_proj
+SHAPES = [(2048, 2048), (2048, 1024), (2048, 6144), (6144, 2048)]
+HEAD = (2048, 151_936)
+COLD_BYTES = 256 << 20
 BIG = 1 << 30
+GEMV_MAX_M = 64          # GEMV variants are not timed above this (they are far behind by then)
+NO_ONEDNN_MAX_M = 8      # nor F.linear with oneDNN off (2-4x behind oneDNN from M = 4 on; minutes at M = 256)
+BF16 = ("bf16_onednn", "bf16_no_onednn", "bf16_grace")
+LABEL = {"bf16_onednn": "bf16 F.linear (oneDNN)", "bf16_no_onednn": "bf16 F.linear, oneDNN off",
+         "bf16_grace": "bf16 grace GEMV", "int8_gemv": "grace INT8 GEMV", "int8_dequant": "grace INT8 dequant+GEMM",
+         "int4_gemv": "grace INT4 GEMV", "int4_dequant": "grace INT4 dequant+GEMM",
+         "torch_int8_row": "torch per-row int8", "torch_int4": "torch int4 (tinygemm CPU)",
+         "ao_int8": "torchao int8", "ao_int4": "torchao int4", "quanto_qint8": "quanto qint8", "quanto_qint4": "quanto qint4"}
 
 
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).norm() / ref.norm()).item()
+def read_bandwidth() -> float:
+    """GB/s of a multi-threaded fp32 sum over 1 GiB (best of 5)."""
+    a = torch.ones(1 << 28)
+    a.sum()
+    best = min(_timed(a.sum) for _ in range(5))
+    del a
+    return (1 << 30) / best / 1e9
 
 
-def shape_name(i: int, o: int) -> str:
-    return f"{i}→{o}"
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-def modules_for(i: int, o: int):
-    return {
-        "int8_bf16": U.random_int8(i, o, dtype=torch.bfloat16, seed=1),
-        "int4_bf16": U.random_int4(i, o, dtype=torch.bfloat16, seed=2),
-        "int8_fp32": U.random_int8(i, o, dtype=torch.float32, seed=1),
-        "int4_fp32": U.random_int4(i, o, dtype=torch.float32, seed=2),
-    }
+def copies_for(nbytes: int) -> int:
+    return max(1, -(-COLD_BYTES // nbytes))
 
 
-def int8_limit_name(dtype: torch.dtype) -> str:
-    """The Int8Linear threshold that applies to activations of `dtype` (fp32 has its own since 1b3b0d7)."""
-    return "FP32_KERNEL_MAX_ROWS" if dtype == torch.float32 and hasattr(q8, "FP32_KERNEL_MAX_ROWS") else "KERNEL_MAX_ROWS"
+def quantized(linear: nn.Linear, config) -> nn.Module:
+    holder = nn.Sequential(copy.deepcopy(linear))
+    grace.quantize_(holder, config)
+    return holder[0]
 
 
-def int8_path(m: int, dtype: torch.dtype = torch.bfloat16) -> str:
-    return "kernel" if m <= getattr(q8, int8_limit_name(dtype)) else "dequant"
-
-
-def int4_fp32_path(m: int) -> str:
-    return "kernel" if m <= q4.FP32_KERNEL_MAX_ROWS else "dequant"
-
-
-@torch.inference_mode()
-def part1(shapes, ms, rounds) -> list[dict]:
-    rows = []
-    for i, o in shapes:
-        mods = modules_for(i, o)
-        w_bf16 = mods["int4_bf16"].dequantize()                     # a bf16 weight of realistic magnitude
-        w_fp32 = w_bf16.float()
-        for m in ms:
-            g = torch.Generator().manual_seed(m)
-            xb = torch.randn(m, i, generator=g).to(torch.bfloat16)
-            xf = xb.float()
-            fns = {
-                "bf16_linear": lambda: F.linear(xb, w_bf16),
-                "int8_bf16": lambda: mods["int8_bf16"](xb),
-                "int4_bf16": lambda: mods["int4_bf16"](xb),
-                "fp32_linear": lambda: F.linear(xf, w_fp32),
-                "int8_fp32": lambda: mods["int8_fp32"](xf),
-                "int4_fp32": lambda: mods["int4_fp32"](xf),
-            }
-            samples, load = U.time_interleaved(fns, rounds)
-            errors = {
-                "bf16_linear": rel_err(F.linear(xb, w_bf16), xb.double() @ w_bf16.double().t()),
-                "fp32_linear": rel_err(F.linear(xf, w_fp32), xf.double() @ w_fp32.double().t()),
-            }
-            for key in ("int8_bf16", "int4_bf16", "int8_fp32", "int4_fp32"):
-                x = xb if key.endswith("bf16") else xf
-                ref = x.double() @ mods[key].dequantize().double().t()
-                errors[key] = rel_err(mods[key](x), ref)
-            rows.append({
-                "in": i, "out": o, "m": m, "load": load,
-                "time": {k: U.summary(v) for k, v in samples.items()},
-                "speedup": {
-                    "int8_bf16_vs_bf16": U.paired_ratio(samples["bf16_linear"], samples["int8_bf16"]),
-                    "int4_bf16_vs_bf16": U.paired_ratio(samples["bf16_linear"], samples["int4_bf16"]),
-                    "int8_fp32_vs_fp32": U.paired_ratio(samples["fp32_linear"], samples["int8_fp32"]),
-                    "int4_fp32_vs_fp32": U.paired_ratio(samples["fp32_linear"], samples["int4_fp32"]),
-                },
-                "path": {"int8": int8_path(m), "int8_fp32": int8_path(m, torch.float32), "int4_bf16": "kernel",
-                         "int4_fp32": int4_fp32_path(m)},
-                "rel_l2_error": errors,
-            })
-            t = rows[-1]["time"]
-            print(f"  {shape_name(i, o)} M={m}: " + ", ".join(f"{k} {U.fmt_us(v['median_s'])}us" for k, v in t.items()) + U.load_note(load),
-                  file=sys.stderr, flush=True)
-    return rows
-
-
-@torch.inference_mode()
-def int8_sweep(shapes, ms, fp32_max_m, rounds) -> list[dict]:
-    rows = []
-    for i, o in shapes:
-        lb = U.random_int8(i, o, dtype=torch.bfloat16, seed=1)
-        lf = U.random_int8(i, o, dtype=torch.float32, seed=1)
-        w = lb.dequantize()
-
-        def run(mod, x, limit):
-            with U.patched(q8, int8_limit_name(x.dtype), limit):
-                return mod(x)
-
-        for m in ms:
-            xb = torch.randn(m, i, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
-            xf = xb.float()
-            fns = {"bf16_loop": lambda: run(lb, xb, BIG), "bf16_dequant": lambda: run(lb, xb, -1),
-                   "bf16_linear": lambda: F.linear(xb, w)}
-            if m <= fp32_max_m:
-                fns |= {"fp32_loop": lambda: run(lf, xf, BIG), "fp32_dequant": lambda: run(lf, xf, -1)}
-            samples, load = U.time_interleaved(fns, rounds)
-            row = {"in": i, "out": o, "m": m, "load": load, "time": {k: U.summary(v) for k, v in samples.items()},
-                   "dequant_over_loop": {"bf16": U.paired_ratio(samples["bf16_dequant"], samples["bf16_loop"])}}
-            if m <= fp32_max_m:
-                row["dequant_over_loop"]["fp32"] = U.paired_ratio(samples["fp32_dequant"], samples["fp32_loop"])
-            rows.append(row)
-            print(f"  int8 sweep {shape_name(i, o)} M={m}: " + ", ".join(
-                f"{k} {U.fmt_us(v['median_s'])}us" for k, v in row["time"].items()) + U.load_note(load), file=sys.stderr, flush=True)
-    return rows
-
-
-@torch.inference_mode()
-def int4_fp32_sweep(shapes, ms, rounds) -> list[dict]:
-    rows = []
-    for i, o in shapes:
-        lf = U.random_int4(i, o, dtype=torch.float32, seed=2)
-        lb = U.random_int4(i, o, dtype=torch.bfloat16, seed=2)
-        w = lf.dequantize()
-        lf.dequantize()            # the CPU layout's inverse permutation is cached: keep its build out of timing
-
-        def run(mod, x, limit):
-            with U.patched(q4, "FP32_KERNEL_MAX_ROWS", limit):
-                return mod(x)
-
-        for m in ms:
-            xf = torch.randn(m, i, generator=torch.Generator().manual_seed(m))
-            fns = {"fp32_kernel": lambda: run(lf, xf, BIG), "fp32_dequant": lambda: run(lf, xf, -1),
-                   "fp32_linear": lambda: F.linear(xf, w),
-                   # alternative: a bf16 module, activations cast to bf16 (the bf16 kernel), cast back
-                   "bf16_kernel_cast": lambda: lb(xf.to(torch.bfloat16)).float()}
-            samples, load = U.time_interleaved(fns, rounds)
-            rows.append({"in": i, "out": o, "m": m, "load": load, "time": {k: U.summary(v) for k, v in samples.items()},
-                         "dequant_over_kernel": U.paired_ratio(samples["fp32_dequant"], samples["fp32_kernel"]),
-                         "bf16_cast_error": rel_err(lb(xf.to(torch.bfloat16)).float(),
-                                                    xf.double() @ lf.dequantize().double().t()),
-                         "fp32_kernel_error": rel_err(run(lf, xf, BIG), xf.double() @ w.double().t())})
-            print(f"  int4 fp32 sweep {shape_name(i, o)} M={m}: " + ", ".join(
-                f"{k} {U.fmt_us(v['median_s'])}us" for k, v in rows[-1]["time"].items()) + U.load_note(load), file=sys.stderr, flush=True)
-    return rows
-
-
-def crossover(rows, key_fn) -> dict:
-    """Per shape: the largest M such that the kernel is faster at every tested M up to it."""
+def peers(linear: nn.Linear) -> dict:
+    """name -> (factory of a quantized copy, bytes read per call) for the optional peers installed."""
     out = {}
-    for row in rows:
-        name = shape_name(row["in"], row["out"])
-        r = key_fn(row)
-        if r is None:
-            continue
-        state = out.setdefault(name, {"kernel_faster_up_to": 0, "broken": False, "first_dequant_faster": None})
-        if not state["broken"] and r > 1.0:
-            state["kernel_faster_up_to"] = row["m"]
-        elif not state["broken"]:
-            state["broken"] = True
-            state["first_dequant_faster"] = row["m"]
-    for state in out.values():
-        del state["broken"]
+    k, n = linear.in_features, linear.out_features
+    g = k // 128
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        def ao(cfg):
+            holder = nn.Sequential(copy.deepcopy(linear))
+            quantize_(holder, cfg)
+            return holder
+        for name, cfg, nbytes in (("ao_int8", Int8WeightOnlyConfig(), n * k + 2 * n),
+                                  ("ao_int4", PrototypeInt4WeightOnlyConfig(group_size=128), n * k // 2 + 4 * g * n)):
+            ao(cfg)(torch.zeros(1, k, dtype=torch.bfloat16))     # fails here if the peer cannot run on this machine
+            out[name] = (lambda cfg=cfg: ao(cfg), nbytes)
+    except Exception as err:  # noqa: BLE001 - an optional peer that does not install or run is reported, not fatal
+        print(f"  torchao unavailable: {err!r:.200}", file=sys.stderr)
+    try:
+        from optimum.quanto import freeze, qint4, qint8, quantize
+        def qt(w):
+            holder = nn.Sequential(copy.deepcopy(linear))
+            quantize(holder, weights=w)
+            freeze(holder)
+            return holder
+        for name, w, nbytes in (("quanto_qint8", qint8, n * k + 2 * n), ("quanto_qint4", qint4, n * k // 2 + 4 * g * n)):
+            qt(w)(torch.zeros(1, k, dtype=torch.bfloat16))
+            out[name] = (lambda w=w: qt(w), nbytes)
+    except Exception as err:  # noqa: BLE001
+        print(f"  optimum-quanto unavailable: {err!r:.200}", file=sys.stderr)
     return out
 
 
-def quiet(row) -> str:
-    """Rounds with the other processes quiet / rounds run (all rounds are used when too few were quiet)."""
-    load = row["load"]
-    return f"{load['quiet_rounds']}/{load['rounds']}"
+def rotating(items: list):
+    it = itertools.cycle(items)
+    return lambda: next(it)
 
 
-def render(res: dict) -> str:
-    md = []
-    med = lambda row, k: U.fmt_us(row["time"][k]["median_s"])  # noqa: E731
-    md.append("#### bf16 activations (bf16 modules): median µs per call; speedup = bf16 time / variant time")
-    md.append(U.md_table(
-        ["shape (in→out)", "M", "bf16 F.linear", "Int8Linear", "Int4Linear", "INT8 speedup", "INT4 speedup", "quiet"],
-        [[shape_name(r["in"], r["out"]), r["m"], med(r, "bf16_linear"), f"{med(r, 'int8_bf16')} ({r['path']['int8']})",
-          med(r, "int4_bf16"), f"{r['speedup']['int8_bf16_vs_bf16']:.2f}×", f"{r['speedup']['int4_bf16_vs_bf16']:.2f}×",
-          quiet(r)] for r in res["part1"]]))
-    md.append("")
-    md.append("#### fp32 activations (reference; modules built with dtype=float32, current thresholds)")
-    md.append(U.md_table(
-        ["shape (in→out)", "M", "fp32 F.linear", "Int8Linear", "Int4Linear", "INT8 speedup", "INT4 speedup", "quiet"],
-        [[shape_name(r["in"], r["out"]), r["m"], med(r, "fp32_linear"),
-          f"{med(r, 'int8_fp32')} ({r['path'].get('int8_fp32', r['path']['int8'])})",
-          f"{med(r, 'int4_fp32')} ({r['path']['int4_fp32']})", f"{r['speedup']['int8_fp32_vs_fp32']:.2f}×",
-          f"{r['speedup']['int4_fp32_vs_fp32']:.2f}×", quiet(r)] for r in res["part1"]]))
-    md.append("")
-    md.append("#### Error vs an fp64 matmul with the same (dequantized) weight: ‖y − y_ref‖ / ‖y_ref‖")
-    md.append(U.md_table(
-        ["shape (in→out)", "M", "bf16 F.linear", "Int8 (bf16)", "Int4 (bf16)", "fp32 F.linear", "Int8 (fp32)",
-         "Int4 (fp32)"],
-        [[shape_name(r["in"], r["out"]), r["m"]] + [f"{r['rel_l2_error'][k]:.1e}" for k in
-                                                   ("bf16_linear", "int8_bf16", "int4_bf16", "fp32_linear",
-                                                    "int8_fp32", "int4_fp32")] for r in res["part1"]]))
-    md.append("")
-    th = res["thresholds"]
-    fp32_th = th.get("int8.FP32_KERNEL_MAX_ROWS")
-    md.append(f"#### Int8Linear: per-group int8 kernel loop vs dequantize + F.linear (µs; KERNEL_MAX_ROWS is "
-              f"{th['int8.KERNEL_MAX_ROWS']}" + (f", FP32_KERNEL_MAX_ROWS {fp32_th}" if fp32_th is not None else "")
-              + "); ratio > 1: the loop is faster")
+def no_onednn(x, w):
+    with torch.backends.mkldnn.flags(enabled=False):
+        return F.linear(x, w)
+
+
+@torch.inference_mode()
+def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
+    torch.manual_seed(k * 7 + n)
+    linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+    nn.init.normal_(linear.weight, std=0.02)
+    g = k // 128
+    m8 = quantized(linear, U.bench_config(8))
+    m4 = quantized(linear, U.bench_config(4))
+    q_row = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s_row = torch.rand(n, dtype=torch.bfloat16) * 0.001
+    torch_int4 = (torch._convert_weight_to_int4pack_for_cpu(m4.codes().to(torch.int32), 2), m4.scales_and_zeros)
+    bytes_of = {"bf16": 2 * n * k, "int8": n * k + 2 * g * n, "int4": n * k // 2 + 4 * g * n,
+                "torch_int8_row": n * k + 2 * n, "torch_int4": n * k // 2 + 4 * g * n}
+    pool = {"bf16": [linear.weight] + [linear.weight.clone() for _ in range(copies_for(bytes_of["bf16"]) - 1)]}
+    pool["int8"] = [m8] + [copy.deepcopy(m8) for _ in range(copies_for(bytes_of["int8"]) - 1)]
+    pool["int4"] = [m4] + [copy.deepcopy(m4) for _ in range(copies_for(bytes_of["int4"]) - 1)]
+    pool["torch_int8_row"] = [q_row] + [q_row.clone() for _ in range(copies_for(bytes_of["torch_int8_row"]) - 1)]
+    pool["torch_int4"] = [torch_int4] + [(torch_int4[0].clone(), torch_int4[1]) for _ in range(copies_for(bytes_of["torch_int4"]) - 1)]
+    fast = []
+    for w in pool["bf16"]:
+        lin = nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="meta")
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        fast_bf16_linears_(nn.Sequential(lin))
+        fast.append(lin)
+    for name, (make, nbytes) in peers(linear).items():
+        bytes_of[name] = nbytes
+        pool[name] = [make() for _ in range(copies_for(nbytes))]
     rows = []
-    for r in res["int8_sweep"]:
-        fp32 = ([med(r, "fp32_loop"), med(r, "fp32_dequant"), f"{r['dequant_over_loop']['fp32']:.2f}"]
-                if "fp32" in r["dequant_over_loop"] else ["–", "–", "–"])
-        rows.append([shape_name(r["in"], r["out"]), r["m"], med(r, "bf16_loop"), med(r, "bf16_dequant"),
-                     f"{r['dequant_over_loop']['bf16']:.2f}", med(r, "bf16_linear")] + fp32 + [quiet(r)])
-    md.append(U.md_table(["shape", "M", "bf16: loop", "bf16: dequant", "dequant/loop", "(bf16 F.linear)",
-                          "fp32: loop", "fp32: dequant", "dequant/loop", "quiet"], rows))
-    md.append("")
-    md.append(f"#### Int4Linear, fp32 module and activations: kernel vs dequantize path (µs; FP32_KERNEL_MAX_ROWS is "
-              f"{res['thresholds']['int4.FP32_KERNEL_MAX_ROWS']}); ratio > 1: the kernel is faster")
-    md.append(U.md_table(
-        ["shape", "M", "fp32 kernel", "dequant path", "dequant/kernel", "(fp32 F.linear)",
-         "(bf16 module, x cast to bf16)", "error of the bf16 cast", "quiet"],
-        [[shape_name(r["in"], r["out"]), r["m"], med(r, "fp32_kernel"), med(r, "fp32_dequant"),
-          f"{r['dequant_over_kernel']:.2f}", med(r, "fp32_linear"), med(r, "bf16_kernel_cast"),
-          f"{r['bf16_cast_error']:.1e}", quiet(r)] for r in res["int4_fp32_sweep"]]))
-    md.append("")
-    md.append("#### Crossovers (largest M up to which the kernel wins at every tested M)")
+    for m in ms:
+        x = (torch.randn(m, k) * 0.5).to(torch.bfloat16)
+        nxt = {key: rotating(v) for key, v in pool.items()}
+        nxt_fast = rotating(fast)
+        fns = {"bf16_onednn": lambda: F.linear(x, nxt["bf16"]()),
+               "int8_dequant": lambda: _forced(q8, -1, nxt["int8"](), x),
+               "int4_dequant": lambda: _forced(q4, -1, nxt["int4"](), x),
+               "torch_int8_row": lambda: torch._weight_int8pack_mm(x, nxt["torch_int8_row"](), s_row),
+               "torch_int4": lambda: torch._weight_int4pack_mm_for_cpu(x, *_first_sz(nxt["torch_int4"]())),
+               **{name: (lambda f=nxt[name]: f()(x)) for name in pool if name.startswith(("ao_", "quanto_"))}}
+        if m <= NO_ONEDNN_MAX_M:
+            fns["bf16_no_onednn"] = lambda: no_onednn(x, nxt["bf16"]())
+        if m <= GEMV_MAX_M and kernels.available():
+            fns |= {"bf16_grace": lambda: _forced(qb, BIG, nxt_fast(), x),
+                    "int8_gemv": lambda: _forced(q8, BIG, nxt["int8"](), x),
+                    "int4_gemv": lambda: _forced(q4, BIG, nxt["int4"](), x)}
+        samples, load = U.time_interleaved(fns, rounds)
+        reference = x.double() @ linear.weight.double().t()
+        errors = {}
+        for name, fn in fns.items():
+            if name in ("torch_int8_row",):
+                continue                                  # random codes: a speed peer, not a quantization of W
+            errors[name] = ((fn().double() - reference).norm() / reference.norm()).item()
+        row = {"in": k, "out": n, "m": m, "load": load, "time": {key: U.summary(v) for key, v in samples.items()},
+               "bytes": {name: bytes_of[_bytes_key(name)] for name in fns}, "rel_error_vs_bf16_layer": errors,
+               "default_path": {"int8": "gemv" if m <= q8.KERNEL_MAX_ROWS else "dequant",
+                                "int4": "gemv" if m <= q4.KERNEL_MAX_ROWS else "dequant",
+                                "bf16_grace": "gemv" if m <= qb.KERNEL_MAX_ROWS else "F.linear (oneDNN)"}}
+        best_bf16 = min((name for name in BF16 if name in samples), key=lambda name: row["time"][name]["median_s"])
+        row["best_bf16"] = best_bf16
+        row["speedup_vs_best_bf16"] = {name: U.paired_ratio(samples[best_bf16], samples[name]) for name in samples}
+        rows.append(row)
+        print(f"  {k}→{n} M={m}: " + ", ".join(f"{name} {U.fmt_us(v['median_s'])}" for name, v in row["time"].items())
+              + U.load_note(load), file=sys.stderr, flush=True)
+    return rows
+
+
+def _first_sz(pair):
+    return pair[0], 128, pair[1]
+
+
+def _bytes_key(name: str) -> str:
+    if name.startswith("bf16"):
+        return "bf16"
+    if name.startswith(("int8_", "int4_")):
+        return name[:4]
+    return name
+
+
+def _forced(module, limit, mod, x):
+    with U.patched(module, "KERNEL_MAX_ROWS", limit):
+        return mod(x)
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+def pct(row, name, bandwidth) -> str:
+    return f"{row['bytes'][name] / row['time'][name]['median_s'] / 1e9 / bandwidth * 100:.0f}%"
+
+
+def table_for_m(res, m) -> str:
+    bw = res["bandwidth_gbs"]
+    rows = [r for r in res["rows"] if r["m"] == m]
+    if not rows:
+        return ""
+    names = [n for n in LABEL if any(n in r["time"] for r in rows)]
+    out = [f"M = {m}: median µs per call (share of the {bw:.0f} GB/s read bandwidth) and speedup against "
+           "the fastest bf16 path (marked *)", ""]
+    header = ["variant"] + [f"{r['in']}→{r['out']}" for r in rows]
+    body = []
+    for name in names:
+        cells = [LABEL[name]]
+        for r in rows:
+            if name not in r["time"]:
+                cells.append("–")
+                continue
+            star = "*" if r["best_bf16"] == name else ""
+            cells.append(f"{U.fmt_us(r['time'][name]['median_s'])}{star} ({pct(r, name, bw)}) "
+                         f"{r['speedup_vs_best_bf16'][name]:.2f}×")
+        body.append(cells)
+    body.append(["quiet rounds"] + [f"{r['load']['quiet_rounds']}/{r['load']['rounds']}" for r in rows])
+    out.append(U.md_table(header, body))
+    return "\n".join(out)
+
+
+def crossovers(res) -> str:
     lines = []
-    for label, key in (("Int8 bf16", "int8_bf16"), ("Int8 fp32", "int8_fp32"), ("Int4 fp32", "int4_fp32")):
-        for shape, c in res["crossover"][key].items():
-            first = c["first_dequant_faster"]
-            lines.append(f"- {label} {shape}: kernel faster up to M={c['kernel_faster_up_to']}; dequant first faster at "
-                         f"{'M=' + str(first) if first else 'no tested M'}")
-    md.append("\n".join(lines))
-    md.append("")
-    md.append("#### Targets")
-    md.append("\n".join(f"- {t}" for t in res["targets"]))
-    md.append("")
-    md.append("`quiet`: timing rounds during which other processes used < 0.25 cores / rounds run; when fewer than "
-              "a third were quiet, all rounds are used and the row was measured under contention.")
+    by_shape = {}
+    for r in res["rows"]:
+        by_shape.setdefault((r["in"], r["out"]), []).append(r)
+    for (k, n), rows in by_shape.items():
+        parts = []
+        for gemv, other in (("bf16_grace", "bf16_onednn"), ("int8_gemv", "int8_dequant"), ("int4_gemv", "int4_dequant")):
+            wins = [r["m"] for r in rows if gemv in r["time"] and r["time"][gemv]["median_s"] < r["time"][other]["median_s"]]
+            loses = [r["m"] for r in rows if gemv in r["time"] and r["m"] not in wins]
+            parts.append(f"{gemv} beats {other} at M ∈ {wins or '∅'} (loses at {loses or '∅'})")
+        lines.append(f"- {k}→{n}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def render(res) -> str:
+    md = [f"Machine: {U.machine_line(res['machine'])}; read bandwidth {res['bandwidth_gbs']:.1f} GB/s "
+          f"(before {res['bandwidth_before']:.1f}, after {res['bandwidth_after']:.1f}); thresholds "
+          + ", ".join(f"{k} = {v}" for k, v in res["thresholds"].items()), ""]
+    for m in sorted({r["m"] for r in res["rows"]}):
+        md += [table_for_m(res, m), ""]
+    md += ["Where each GEMV wins (the thresholds):", crossovers(res), ""]
     return "\n".join(md)
-
-
-def targets(part1_rows) -> list[str]:
-    out = []
-    for r in part1_rows:
-        if r["m"] != 1:
-            continue
-        s8, s4 = r["speedup"]["int8_bf16_vs_bf16"], r["speedup"]["int4_bf16_vs_bf16"]
-        shape = shape_name(r["in"], r["out"])
-        if (r["in"], r["out"]) == (2048, 6144):
-            out.append(f"INT4 ≥ 2× bf16 at M=1, {shape}: {s4:.2f}× — {'met' if s4 >= 2 else 'MISSED'}")
-        out.append(f"INT8 no slower than bf16 at M=1, {shape}: {s8:.2f}× — {'met' if s8 >= 1 else 'MISSED'}")
-    return out
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     U.add_common_args(parser)
+    parser.add_argument("--ms", default=None, help="comma-separated row counts (default 1,2,4,8,16,32,64,256)")
+    parser.add_argument("--no-head", action="store_true", help="skip the 2048→151936 lm_head shape")
+    parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--render", type=Path, default=None, help="only re-render the tables of a results JSON")
     args = parser.parse_args(argv)
     if args.render:
         res = json.loads(args.render.read_text(encoding="utf-8"))
-        res["markdown"] = f"Machine: {U.machine_line(res['machine'])}\n\n" + render(res)
-        print(res["markdown"])
-        if not args.no_write:
-            args.render.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        print(render(res))
         return res
     U.apply_args(args)
     info = U.machine_info()
-    quick = args.quick
-    shapes = SHAPES[1:2] if quick else SHAPES
-    rounds = 5 if quick else 25
-    sweep_rounds = 3 if quick else 11
-    int8_ms = [1, 2, 4, 8, 16] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    int4_ms = [1, 2, 4, 8, 16] if quick else [1, 2, 4, 8, 12, 16, 24, 32]
-    print(f"machine: {U.machine_line(info)}", file=sys.stderr)
-
-    res = {"name": "linear_kernels", "quick": quick, "machine": info,
-           "thresholds": {"int8.KERNEL_MAX_ROWS": q8.KERNEL_MAX_ROWS,
-                          "int8.FP32_KERNEL_MAX_ROWS": getattr(q8, "FP32_KERNEL_MAX_ROWS", None),
-                          "int4.FP32_KERNEL_MAX_ROWS": q4.FP32_KERNEL_MAX_ROWS},
-           "protocol": f"interleaved, {rounds} rounds (sweeps {sweep_rounds}), medians; ratios = median of per-round ratios"}
-    res["part1"] = part1(shapes, [1, 16], rounds)
-    res["int8_sweep"] = int8_sweep(shapes, int8_ms, 16, sweep_rounds)
-    res["int4_fp32_sweep"] = int4_fp32_sweep(shapes, int4_ms, sweep_rounds)
-    res["crossover"] = {
-        "int8_bf16": crossover(res["int8_sweep"], lambda r: r["dequant_over_loop"]["bf16"]),
-        "int8_fp32": crossover(res["int8_sweep"], lambda r: r["dequant_over_loop"].get("fp32")),
-        "int4_fp32": crossover(res["int4_fp32_sweep"], lambda r: r["dequant_over_kernel"]),
-    }
-    res["targets"] = targets(res["part1"])
-    md = f"Machine: {U.machine_line(info)}\n\n" + render(res)
-    res["markdown"] = md
-    print(md)
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 256])
+    shapes = SHAPES[2:3] if args.quick else SHAPES + ([] if args.no_head else [HEAD])
+    rounds = args.rounds or (3 if args.quick else 7)
+    print(f"machine: {U.machine_line(info)}; kernels available: {kernels.available()}", file=sys.stderr)
+    before = read_bandwidth()
+    res = {"name": "linear_kernels", "quick": args.quick, "machine": info, "kernels_available": kernels.available(),
+           "thresholds": {"int8.KERNEL_MAX_ROWS": q8.KERNEL_MAX_ROWS, "int4.KERNEL_MAX_ROWS": q4.KERNEL_MAX_ROWS,
+                          "bf16.KERNEL_MAX_ROWS": qb.KERNEL_MAX_ROWS},
+           "protocol": f"cold weights (≥ {COLD_BYTES >> 20} MB of copies per variant), interleaved, {rounds} rounds, medians",
+           "rows": []}
+    for k, n in shapes:
+        res["rows"] += measure_shape(k, n, [m for m in ms if (k, n) != HEAD or m <= 16], rounds)
+    after = read_bandwidth()
+    res |= {"bandwidth_before": before, "bandwidth_after": after, "bandwidth_gbs": max(before, after)}
+    res["markdown"] = render(res)
+    print(res["markdown"])
     if not args.no_write:
         print(f"\nwrote {U.write_results('linear_kernels', res, args.out)}", file=sys.stderr)
     return res

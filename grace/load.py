@@ -22,6 +22,8 @@ from . import hub
 from .checkpoint_files import read_config, read_json, read_tensors, safetensors_files
 from .errors import GraceLoadError
 from .formats import detect_format
+from .quant.bf16 import fast_bf16_linears_
+from .quant.head import quantize_head_
 from .quant.qlinear import QuantizedLinear
 
 
@@ -33,6 +35,7 @@ class LoadedModel:
     path: Path               # the local folder it was read from
     format: str              # on-disk checkpoint format: plain | grace-awq | hf-awq | grace-qat | grace-int8
     checkpoint_kind: str     # what the checkpoint's linears mean: bf16 | int8 | int4
+    head: str = "bf16"       # lm_head as served: bf16 (as released) | int8 | int4 (load(head=...))
 
     @property
     def quantized_modules(self) -> list[str]:
@@ -47,7 +50,8 @@ class LoadedModel:
     def kind(self) -> str:
         """int4 / int8 from the quantized modules held (mixed for both); with none, what the
         checkpoint's weights mean: bf16, or the grid's int4 / int8 of a QAT release held unpacked."""
-        bits = {m.bits for m in self.model.modules() if isinstance(m, QuantizedLinear)}
+        head = self.model.get_output_embeddings()   # an optional quantized head (load(head=)) is not the model's kind
+        bits = {m.bits for m in self.model.modules() if isinstance(m, QuantizedLinear) and m is not head}
         if not bits:
             return self.checkpoint_kind
         return f"int{bits.pop()}" if len(bits) == 1 else "mixed"
@@ -81,8 +85,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _prepare_for_serving(model: nn.Module, device: torch.device, head: str | None) -> None:
+    """What every architecture gets after its weights are placed: the optional quantized head, and
+    on CPU the few-row bf16 linears off oneDNN (grace/quant/bf16.py)."""
+    if head is not None:
+        quantize_head_(model, head)
+    if device.type == "cpu":
+        fast_bf16_linears_(model)
+
+
 def load(source: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         packed: bool = True, revision: str | None = None, vision_tower: str | os.PathLike | None = None) -> LoadedModel:
+         packed: bool = True, revision: str | None = None, vision_tower: str | os.PathLike | None = None,
+         head: str | None = None) -> LoadedModel:
     """Load any GRACE release format (Qwen3-VL and LLaVA-1.5), a Qwen3-VL checkpoint, a transformers AWQ or
     a GPTQ / AutoRound checkpoint.
 
@@ -91,6 +105,8 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     packed: hold quantized linears as real 4/8-bit weights; False keeps a QAT release as stored.
     vision_tower: LLaVA only: folder (or repo id) of the CLIP tower the config's mm_vision_tower names,
     for offline machines and mirrors (else $GRACE_VISION_TOWER, else the Hub / its local cache).
+    head: "int8" / "int4" quantizes lm_head round-to-nearest (faster decode, changes the numerics;
+    see grace/quant/head.py for the bytes of a tied embedding); default None keeps the bf16 head.
     """
     from .processor import build_processor
 
@@ -100,7 +116,10 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     from .llava import is_llava, load_llava
 
     if is_llava(raw := read_json(folder / "config.json")):
-        return load_llava(folder, source, raw, device=device, dtype=dtype, packed=packed, vision_tower=vision_tower)
+        loaded = load_llava(folder, source, raw, device=device, dtype=dtype, packed=packed, vision_tower=vision_tower)
+        _prepare_for_serving(loaded.model, device, head)
+        loaded.head = head or "bf16"
+        return loaded
     config_dict = read_config(folder)
     fmt, info = detect_format(folder, config_dict)
     try:
@@ -117,6 +136,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
         if fmt.place is not None and (packed or not fmt.stores_plain_weights):
             fmt.place(model, info, tensors, folder, device, dtype)
         _load_plain(model, tensors, folder, device, dtype)
+    _prepare_for_serving(model, device, head)
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
@@ -125,7 +145,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     except (OSError, ValueError, TypeError) as err:
         raise GraceLoadError(f"{folder}: the processor (tokenizer / image processor / chat template) could not "
                              f"be built: {err}") from None
-    return LoadedModel(model, processor, str(source), folder, fmt.name, info.kind)
+    return LoadedModel(model, processor, str(source), folder, fmt.name, info.kind, head or "bf16")
 
 
 def _load_plain(model: nn.Module, tensors: dict, folder: Path, device, dtype) -> None:

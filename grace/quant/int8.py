@@ -3,10 +3,12 @@
     W[o, i] = q[o, i] * s[o, i // group_size],   q in [-128, 127]  (symmetric, no zero point)
 
 Codes are held group-major, [in/group, out, group] int8, so each group is a contiguous
-[out, group] matrix: on CPU torch's `_weight_int8pack_mm` (a per-row-scale int8 GEMV)
-runs once per group and the partial sums are accumulated in fp32. That beats
-dequantize-then-matmul at decode (a few rows); for more rows the dequantized matmul is
-faster and is used instead (measured in bench/linear_kernels.py; the crossover depends on dtype).
+[out, group] matrix. On CPU with bf16 activations grace's own kernels (quant/kernels.py) run: a
+GEMV that streams the codes once and applies each group's scale in fp32, up to `KERNEL_MAX_ROWS`
+rows, and above that a dequantize (bit-identical to `dequantize()`) into a reused bf16 buffer
+followed by the bf16 GEMM. Without them torch's `_weight_int8pack_mm` (a per-row-scale int8 GEMV)
+runs once per group with the partial sums accumulated in fp32, up to `TORCH_LOOP_MAX_ROWS`
+(`FP32_KERNEL_MAX_ROWS` for fp32), and the dequantized matmul above. Thresholds: bench/linear_kernels.py.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ import torch.nn.functional as F
 
 from .qlinear import QuantizedLinear
 
-# Up to this many rows the per-group int8 kernel beats dequantize + matmul on CPU
-# (bench/linear_kernels.py: with bf16 activations up to 16 rows on every 2B shape, with fp32 up to 2-8).
-KERNEL_MAX_ROWS = 16
+from . import kernels
+
+# grace's int8 GEMV beats dequantize + bf16 GEMM up to this many rows (bench/linear_kernels.py: crossovers in the quiet rows of the sweep)
+KERNEL_MAX_ROWS = 8
+# without grace's kernels: up to this many rows the per-group torch int8 loop beats dequantize + matmul
+# (bench/linear_kernels.py: with bf16 activations up to 16 rows on every 2B shape, with fp32 up to 2-8)
+TORCH_LOOP_MAX_ROWS = 16
 FP32_KERNEL_MAX_ROWS = 4
 
 
@@ -55,12 +61,19 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        limit = FP32_KERNEL_MAX_ROWS if x2.dtype == torch.float32 else KERNEL_MAX_ROWS
-        if x2.device.type == "cpu" and x2.shape[0] <= limit:
-            xg = x2.reshape(-1, self.qweight.shape[0], self.group_size).transpose(0, 1).contiguous()
-            y = torch._weight_int8pack_mm(xg[0], self.qweight[0], self.scales[0]).float()
-            for g in range(1, self.qweight.shape[0]):
-                y += torch._weight_int8pack_mm(xg[g], self.qweight[g], self.scales[g])
+        q, s, gs, rows = self.qweight, self.scales, self.group_size, x2.shape[0]
+        if (s.dtype == torch.bfloat16 and gs % 64 == 0 and kernels.worth_it(self.out_features, self.in_features)
+                and kernels.usable(x2, q)):
+            if rows <= KERNEL_MAX_ROWS:
+                y = kernels.linear_int8(x2, q, s, gs)
+            else:
+                y = kernels.dequantized_linear(x2, lambda start, n, out: kernels.dequant_int8(q, s, gs, start, n, out),
+                                               self.out_features, self.in_features)
+        elif x2.device.type == "cpu" and rows <= (FP32_KERNEL_MAX_ROWS if x2.dtype == torch.float32 else TORCH_LOOP_MAX_ROWS):
+            xg = x2.reshape(-1, q.shape[0], gs).transpose(0, 1).contiguous()
+            y = torch._weight_int8pack_mm(xg[0], q[0], s[0]).float()
+            for g in range(1, q.shape[0]):
+                y += torch._weight_int8pack_mm(xg[g], q[g], s[g])
         else:
             y = F.linear(x2, self.dequantize())
         if self.bias is not None:

@@ -1,0 +1,47 @@
+"""BF16 linears that decode at the memory wall on CPU.
+
+torch's bf16 `F.linear` with a few rows goes through oneDNN, which moves weights at well under half
+the machine's read bandwidth (bench/linear_kernels.py). Switching oneDNN off helps only at M = 1 and
+is a process-wide flag, which threads serving several models at once (the app's Compare tab) would
+flip under each other. `FastBF16Linear` instead calls grace's bf16 GEMV (quant/kernels.py) up to
+`KERNEL_MAX_ROWS` rows and `F.linear` otherwise: no global state, the same weights, fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+# up to this many rows grace's bf16 GEMV beats oneDNN's GEMM (bench/linear_kernels.py: crossovers in the quiet rows of the sweep)
+KERNEL_MAX_ROWS = 16
+
+
+class FastBF16Linear(nn.Linear):
+    """An nn.Linear (same parameters, same state dict) whose few-row CPU bf16 forward uses grace's GEMV."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.numel() // max(1, self.in_features)
+        if (rows <= KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and self.in_features % 32 == 0
+                and kernels.worth_it(self.out_features, self.in_features)
+                and not (torch.is_grad_enabled() and w.requires_grad) and kernels.usable(x, w)):
+            y = kernels.linear_bf16(x.reshape(-1, self.in_features), w)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, w, self.bias)
+
+
+def fast_bf16_linears_(model: nn.Module) -> list[str]:
+    """Turn every plain nn.Linear of `model` into a FastBF16Linear, in place (the class changes; the
+    parameters, their tying and any hooks stay). Returns the names. A no-op where the kernels cannot
+    run (their forward falls back to F.linear)."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FastBF16Linear
+            names.append(name)
+    return names

@@ -1,0 +1,123 @@
+"""grace's CPU kernels (grace/quant/kernels.py) against the plain dequantize reference, the row
+thresholds between GEMV and dequantize + GEMM, and the clean fallback when they cannot be built."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grace.quant import int4 as q4
+from grace.quant import int8 as q8
+from grace.quant import kernels
+
+try:
+    from .kernel_cases import exact_group_weight, int4_module, int8_module, rel
+except ImportError:                      # tests/ collected without packages (rootdir sys.path insertion)
+    from kernel_cases import exact_group_weight, int4_module, int8_module, rel
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="grace's CPU kernels need x86-64 AVX-512 BF16 and cc")
+# (in, out, group): tails of the 4-row tiles (out % 4 != 0), several groups, a group of 256
+SHAPES = [(256, 64, 128), (384, 70, 128), (512, 36, 256), (256, 5, 128)]
+
+
+
+@pytest.fixture(autouse=True)
+def kernels_on_small_weights(monkeypatch):
+    """The tests use small modules: let the kernels take them (production skips weights < MIN_WEIGHTS)."""
+    monkeypatch.setattr(kernels, "MIN_WEIGHTS", 0)
+
+@needs_kernels
+@pytest.mark.parametrize("in_f,out_f,group", SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows):
+    """Before the output's bf16 rounding the GEMVs are the group-wise formula in fp32 (error ~1e-6, not ~1e-3)."""
+    x = torch.randn(rows, in_f).to(torch.bfloat16)
+    m8, m4 = int8_module(in_f, out_f, group), int4_module(in_f, out_f, group)
+    y8 = kernels.linear_int8(x, m8.qweight, m8.scales, group)
+    assert y8.dtype == torch.float32 and rel(y8, x.double() @ exact_group_weight(m8).t()) < 1e-6
+    y4 = kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group)
+    assert rel(y4, x.double() @ exact_group_weight(m4).t()) < 2e-5     # 128 + c trick: a little cancellation
+    w = torch.randn(out_f, in_f).to(torch.bfloat16)
+    assert rel(kernels.linear_bf16(x, w), x.double() @ w.double().t()) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_f,out_f,group", SHAPES)
+def test_dequantize_kernels_are_bit_identical_to_dequantize(in_f, out_f, group):
+    m8, m4 = int8_module(in_f, out_f, group), int4_module(in_f, out_f, group)
+    for module, dequant, packed, scales in ((m8, kernels.dequant_int8, m8.qweight, m8.scales),
+                                            (m4, kernels.dequant_int4, m4.weight_packed, m4.scales_and_zeros)):
+        reference = module.dequantize()
+        whole = dequant(packed, scales, group, 0, out_f, torch.empty(out_f, in_f, dtype=torch.bfloat16))
+        assert torch.equal(whole, reference)
+        start, rows = out_f // 3, out_f - out_f // 3        # a row range, as the chunked GEMM asks for
+        part = dequant(packed, scales, group, start, rows, torch.empty(rows, in_f, dtype=torch.bfloat16))
+        assert torch.equal(part, reference[start:])
+
+
+@needs_kernels
+@pytest.mark.parametrize("make,limit_name", [(int4_module, "q4"), (int8_module, "q8")])
+@pytest.mark.parametrize("in_f,out_f,group", SHAPES[:2])
+def test_forward_paths_at_the_threshold(make, limit_name, in_f, out_f, group, monkeypatch):
+    """KERNEL_MAX_ROWS rows take the GEMV; one more takes dequantize + the bf16 GEMM, which is exactly
+    F.linear on dequantize() (same weight, same call)."""
+    mod = q4 if limit_name == "q4" else q8
+    module = make(in_f, out_f, group)
+    limit = mod.KERNEL_MAX_ROWS
+    calls = []
+    gemv = kernels.linear_int4 if mod is q4 else kernels.linear_int8
+    monkeypatch.setattr(kernels, gemv.__name__, lambda *a: calls.append("gemv") or gemv(*a))
+    dequantized = kernels.dequantized_linear
+    monkeypatch.setattr(kernels, "dequantized_linear", lambda *a: calls.append("dequant") or dequantized(*a))
+    with torch.inference_mode():
+        x = torch.randn(limit, in_f).to(torch.bfloat16)
+        y = module(x)
+        assert calls == ["gemv"]
+        ref = x.double() @ exact_group_weight(module).t() + module.bias.double()
+        assert rel(y, ref) < 4e-3                                      # bf16 output rounding
+        x = torch.randn(limit + 1, in_f).to(torch.bfloat16)
+        y = module(x)
+        assert calls == ["gemv", "dequant"]
+        assert torch.equal(y, F.linear(x, module.dequantize()) + module.bias)
+
+
+@needs_kernels
+def test_chunked_dequantized_gemm(monkeypatch):
+    """Weights larger than the scratch buffer (an lm_head) go through it in row chunks."""
+    module = int8_module(256, 70, 128)
+    monkeypatch.setattr(kernels, "SCRATCH_ELEMENTS", 256 * 16)        # 16 rows per chunk: 5 chunks
+    x = torch.randn(12, 256).to(torch.bfloat16)
+    with torch.inference_mode():
+        y = kernels.dequantized_linear(x, lambda s, n, out: kernels.dequant_int8(module.qweight, module.scales, 128, s, n, out),
+                                       70, 256)
+    assert torch.allclose(y.float(), F.linear(x, module.dequantize()).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_modules_fall_back_to_torch_kernels(monkeypatch):
+    """Without grace's kernels every module still computes its reference: one built without them holds
+    torch's CPU layout, one built with them keeps the plain nibbles and takes the dequantize path."""
+    built_with = int4_module(256, 64, 128)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    built_without, m8 = int4_module(256, 64, 128), int8_module(256, 64, 128)
+    assert built_without.layout == "cpu"
+    with torch.inference_mode():
+        for module in (built_with, built_without, m8):
+            ref = x.double() @ exact_group_weight(module).t() + module.bias.double()
+            assert rel(module(x), ref) < 6e-3
+
+
+def test_fallback_when_the_compiler_fails(tmp_path):
+    """A broken compiler (or GRACE_CPU_KERNELS=0) leaves available() False, with no exception."""
+    code = ("from grace.quant import kernels, Int4Linear; import torch; assert not kernels.available(); "
+            "m = Int4Linear(128, 16, False, 128); print(m.layout, m(torch.randn(1, 128, dtype=torch.bfloat16)).shape)")
+    for env in ({"CC": "/bin/false"}, {"GRACE_CPU_KERNELS": "0"}):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env={**os.environ, "GRACE_KERNEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT), **env})
+        assert run.returncode == 0, run.stderr
+        assert "torch.Size([1, 16])" in run.stdout
