@@ -35,24 +35,40 @@ def _not_converted(model: nn.Module, int4: dict) -> list[str]:
     return names
 
 
-def hf_awq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Int4Linear]]:
-    """(tensors in the HF AWQ layout under the model's own names, the Int4Linear modules)."""
-    from .export import _awq_tensors
-
-    int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
-    if not int4:
-        raise ValueError("the model has no Int4Linear layers: load an INT4 checkpoint (or quantize_) first")
+def unquantized_tensors(model: nn.Module, int4: dict[str, Int4Linear], rename=None) -> dict[str, torch.Tensor]:
+    """The model's tensors outside its Int4Linear modules, on CPU, floating ones in fp16 (as AutoAWQ
+    saves them); `rename(key, value) -> (key, value)` maps names to another naming (and may trim a tensor)."""
     prefixes = tuple(n + "." for n in int4)
     tensors = {}
     for key, value in model.state_dict().items():
         if key.startswith(prefixes):
             continue
         value = value.detach().cpu()
+        if rename is not None:
+            key, value = rename(key, value)
         tensors[key] = value.to(HF_AWQ_DTYPE) if value.is_floating_point() else value
+    return tensors
+
+
+def awq_module_tensors(int4: dict[str, Int4Linear], rename=lambda name: name) -> dict[str, torch.Tensor]:
+    """AutoAWQ GEMM tensors (qweight, qzeros, scales, fp16 bias) of each Int4Linear, under rename(name)."""
+    from .export import _awq_tensors
+
+    tensors = {}
     for name, module in int4.items():
-        tensors.update(_awq_tensors(name, module))
+        tensors.update(_awq_tensors(rename(name), module))
         if module.bias is not None:
-            tensors[name + ".bias"] = module.bias.detach().cpu().to(HF_AWQ_DTYPE)
+            tensors[rename(name) + ".bias"] = module.bias.detach().cpu().to(HF_AWQ_DTYPE)
+    return tensors
+
+
+def hf_awq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Int4Linear]]:
+    """(tensors in the HF AWQ layout under the model's own names, the Int4Linear modules)."""
+    int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    if not int4:
+        raise ValueError("the model has no Int4Linear layers: load an INT4 checkpoint (or quantize_) first")
+    tensors = unquantized_tensors(model, int4)
+    tensors.update(awq_module_tensors(int4))
     return tensors, int4
 
 

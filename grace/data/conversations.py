@@ -148,44 +148,13 @@ class Collator:
             text = text.replace(self.image_token, self.image_token * image_tokens, 1)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        render = self.processor.apply_chat_template
-        full_text = render(messages, tokenize=False)
-        input_ids = tokens(full_text)
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for k, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = render(messages[:k], tokenize=False, add_generation_prompt=True)
-            through = render(messages[:k + 1], tokenize=False)
-            start, end = len(tokens(prompt)), len(tokens(through))
-            if not (full_text.startswith(through) and through.startswith(prompt)
-                    and input_ids[:end] == tokens(through)):
-                raise DataError(f"sample {record.get('id')!r}: the chat template does not render turn {k} as a "
-                                "prefix of the whole conversation, so its answer tokens cannot be located")
-            span = input_ids[start:end]
-            if self.end_of_turn_id in span:    # keep the answer up to and including its end-of-turn token
-                end = start + len(span) - span[::-1].index(self.end_of_turn_id)
-            labels[start:end] = input_ids[start:end]
-        if self.max_length is not None and len(input_ids) > self.max_length:
-            if self.image_token_id in input_ids[self.max_length:]:
-                raise DataError(f"sample {record.get('id')!r}: {len(input_ids)} tokens and its image does not fit "
-                                f"in max_length={self.max_length}")
-            input_ids, labels = input_ids[:self.max_length], labels[:self.max_length]
-        encoded["input_ids"] = torch.tensor(input_ids, dtype=torch.long)
-        encoded["labels"] = torch.tensor(labels, dtype=torch.long)
-        return encoded
+        input_ids, labels = answer_only_labels(record, messages, self.processor.apply_chat_template, tokens,
+                                               end_of_turn_id=self.end_of_turn_id)
+        return finish_sample(encoded, record, input_ids, labels, self.max_length, self.image_token_id)
 
     def __call__(self, records: list[dict]) -> dict:
         encoded = [self.encode(r) for r in records]
-        length = max(len(e["input_ids"]) for e in encoded)
-        batch = {"input_ids": torch.full((len(encoded), length), self.pad_id, dtype=torch.long),
-                 "attention_mask": torch.zeros((len(encoded), length), dtype=torch.long),
-                 "labels": torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)}
-        for row, e in enumerate(encoded):
-            n = len(e["input_ids"])
-            batch["input_ids"][row, :n] = e["input_ids"]
-            batch["attention_mask"][row, :n] = 1
-            batch["labels"][row, :n] = e["labels"]
+        batch = pad_batch(encoded, self.pad_id)
         # Qwen3-VL's M-RoPE needs to know which tokens are image tokens (1) and which text (0).
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long() * batch["attention_mask"]
         with_image = [e for e in encoded if "pixel_values" in e]
@@ -193,3 +162,56 @@ class Collator:
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_image])
             batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_image])
         return batch
+
+
+def answer_only_labels(record: dict, messages: list[dict], render, tokens, end_of_turn_id: int | None = None):
+    """(input_ids, labels) of a conversation with the loss on the assistant answers only.
+
+    render: the chat template (messages -> text); tokens: text -> ids as the processor makes them
+    (image placeholders expanded). Each answer is located as the tokens between the prompt rendered up
+    to it and the conversation rendered through it, which must be prefixes of the whole; with
+    end_of_turn_id the label span stops at (and includes) the answer's end-of-turn token."""
+    full_text = render(messages, tokenize=False)
+    input_ids = tokens(full_text)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:k], tokenize=False, add_generation_prompt=True)
+        through = render(messages[:k + 1], tokenize=False)
+        start, end = len(tokens(prompt)), len(tokens(through))
+        if not (full_text.startswith(through) and through.startswith(prompt) and input_ids[:end] == tokens(through)):
+            raise DataError(f"sample {record.get('id')!r}: the chat template does not render turn {k} as a "
+                            "prefix of the whole conversation, so its answer tokens cannot be located")
+        span = input_ids[start:end]
+        if end_of_turn_id is not None and end_of_turn_id in span:   # keep the answer through its end-of-turn token
+            end = start + len(span) - span[::-1].index(end_of_turn_id)
+        labels[start:end] = input_ids[start:end]
+    return input_ids, labels
+
+
+def finish_sample(encoded: dict, record: dict, input_ids: list[int], labels: list[int], max_length: int | None,
+                  image_token_id: int) -> dict:
+    """Cut a sample to max_length (refusing one whose image tokens would be cut) and store its ids and labels."""
+    if max_length is not None and len(input_ids) > max_length:
+        if image_token_id in input_ids[max_length:]:
+            raise DataError(f"sample {record.get('id')!r}: {len(input_ids)} tokens and its image does not fit "
+                            f"in max_length={max_length}")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    encoded["input_ids"] = torch.tensor(input_ids, dtype=torch.long)
+    encoded["labels"] = torch.tensor(labels, dtype=torch.long)
+    return encoded
+
+
+def pad_batch(encoded: list[dict], pad_id: int) -> dict:
+    """Right-pad encoded samples into input_ids / attention_mask / labels (padding ignored by the loss)."""
+    length = max(len(e["input_ids"]) for e in encoded)
+    batch = {"input_ids": torch.full((len(encoded), length), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(encoded), length), dtype=torch.long),
+             "labels": torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)}
+    for row, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        batch["input_ids"][row, :n] = e["input_ids"]
+        batch["attention_mask"][row, :n] = 1
+        batch["labels"][row, :n] = e["labels"]
+    return batch

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..export import _awq_tensors, _write_folder
-from ..export_hf_awq import HF_AWQ_DTYPE, save_hf_awq
+from ..export import _write_folder
+from ..export_hf_awq import awq_module_tensors, save_hf_awq, unquantized_tensors
 from ..formats import AWQ_MODULES_FILE
 from ..quant.int4 import Int4Linear
 from . import naming
@@ -70,22 +70,15 @@ def save_llava_awq(loaded, out_dir) -> Path:
     if len(groups) != 1:
         raise ValueError(f"the INT4 layers use several group sizes {sorted(groups)}")
     vocab = model.lm_head.out_features
-    prefixes = tuple(n + "." for n in int4)
-    tensors = {}
-    for key, value in model.state_dict().items():
-        if key.startswith(prefixes):
-            continue
-        value = value.detach().cpu()
+
+    def to_release(key, value):
         if key == "model.language_model.embed_tokens.weight":
             value = value[:vocab]                     # the placeholder row is ours, not the release's
-        tensors[naming.to_original(key)] = value.to(HF_AWQ_DTYPE) if value.is_floating_point() else value
-    originals = {}
-    for name, module in int4.items():
-        original = naming.to_original(name)
-        originals[original] = module
-        tensors.update(_awq_tensors(original, module))
-        if module.bias is not None:
-            tensors[original + ".bias"] = module.bias.detach().cpu().to(HF_AWQ_DTYPE)
+        return naming.to_original(key), value
+
+    tensors = unquantized_tensors(model, int4, rename=to_release)
+    tensors.update(awq_module_tensors(int4, rename=naming.to_original))
+    originals = {naming.to_original(name): module for name, module in int4.items()}
     group = groups.pop()
     spec = {"bits": 4, "group_size": group, "modules": sorted(originals)}
     out = _write_folder(out_dir, model, _CopyFiles(_tokenizer_files(loaded)), tensors, _release_config(loaded, group),

@@ -68,7 +68,7 @@ def build_empty(config: LlavaConfig, dtype: torch.dtype) -> LlavaForConditionalG
 
 
 def load_llava(folder: Path, source, config_dict: dict, *, device, dtype, packed: bool, vision_tower=None):
-    from ..load import _BUILD_LOCK, LoadedModel, _load_plain   # grace.load imports this module lazily
+    from ..load import _BUILD_LOCK, _load_plain   # grace.load imports this module lazily
 
     if is_llava_hf(config_dict):
         return _load_llava_hf(folder, source, config_dict, device=device, dtype=dtype)
@@ -94,10 +94,7 @@ def load_llava(folder: Path, source, config_dict: dict, *, device, dtype, packed
         elif fmt.place is not None and not fmt.stores_plain_weights:
             fmt.place(model, info, tensors, folder, device, dtype)
         _load_plain(model, tensors, folder, device, dtype)
-    model.eval()
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
-    return LoadedModel(model, processor, str(source), folder, fmt.name, info.kind)
+    return _loaded(model, processor, source, folder, fmt, info)
 
 
 def _load_llava_hf(folder: Path, source, raw: dict, *, device, dtype):
@@ -105,7 +102,7 @@ def _load_llava_hf(folder: Path, source, raw: dict, *, device, dtype):
     transformers AWQ format (what `grace.export_awq(..., layout="hf")` writes for LLaVA)."""
     from transformers import AutoProcessor
 
-    from ..load import _BUILD_LOCK, LoadedModel, _load_plain
+    from ..load import _BUILD_LOCK, _load_plain
 
     fmt, info = detect_format(folder, raw)
     if fmt.name not in ("plain", "hf-awq"):
@@ -125,6 +122,13 @@ def _load_llava_hf(folder: Path, source, raw: dict, *, device, dtype):
         if fmt.place is not None:
             fmt.place(model, info, tensors, folder, device, dtype)
         _load_plain(model, tensors, folder, device, dtype)
+    return _loaded(model, processor, source, folder, fmt, info)
+
+
+def _loaded(model, processor, source, folder: Path, fmt, info):
+    """The LoadedModel of a placed model, in eval mode, with the checkpoint's generation settings."""
+    from ..load import LoadedModel
+
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-IGNORE_INDEX = -100
 QAT_SKIP_KEYWORDS = ("vision_tower", "multi_modal_projector", "lm_head", "embed_tokens")
 VISION_KEYWORD = "vision_tower"
 
@@ -52,7 +51,7 @@ class LlavaCollator:
         return self.tokenizer(text.replace(self.image_token, self.image_token * image_tokens))["input_ids"]
 
     def encode(self, record: dict) -> dict:
-        from ..data.conversations import DataError
+        from ..data.conversations import DataError, answer_only_labels, finish_sample
 
         messages = self.build_messages(record)
         image = record.get("image")
@@ -65,40 +64,15 @@ class LlavaCollator:
             height, width = encoded["pixel_values"].shape[-2:]
             image_tokens = (height // self.processor.patch_size) * (width // self.processor.patch_size) \
                 + self.processor.num_additional_image_tokens - (self.processor.vision_feature_select_strategy == "default")
-        render = self.processor.apply_chat_template
-        full_text = render(messages, tokenize=False)
-        input_ids = self._tokens(full_text, image_tokens)
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for k, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = render(messages[:k], tokenize=False, add_generation_prompt=True)
-            through = render(messages[:k + 1], tokenize=False)
-            start, end = len(self._tokens(prompt, image_tokens)), len(self._tokens(through, image_tokens))
-            if not (full_text.startswith(through) and input_ids[:end] == self._tokens(through, image_tokens)
-                    and input_ids[:start] == self._tokens(prompt, image_tokens)):
-                raise DataError(f"sample {record.get('id')!r}: turn {k} does not tokenize as a prefix of the whole "
-                                "conversation, so its answer tokens cannot be located")
-            labels[start:end] = input_ids[start:end]
-        if self.max_length is not None and len(input_ids) > self.max_length:
-            if self.image_token_id in input_ids[self.max_length:]:
-                raise DataError(f"sample {record.get('id')!r}: its image does not fit in max_length={self.max_length}")
-            input_ids, labels = input_ids[:self.max_length], labels[:self.max_length]
-        encoded["input_ids"] = torch.tensor(input_ids, dtype=torch.long)
-        encoded["labels"] = torch.tensor(labels, dtype=torch.long)
-        return encoded
+        input_ids, labels = answer_only_labels(record, messages, self.processor.apply_chat_template,
+                                               lambda text: self._tokens(text, image_tokens))
+        return finish_sample(encoded, record, input_ids, labels, self.max_length, self.image_token_id)
 
     def __call__(self, records: list[dict]) -> dict:
+        from ..data.conversations import pad_batch
+
         encoded = [self.encode(r) for r in records]
-        length = max(len(e["input_ids"]) for e in encoded)
-        batch = {"input_ids": torch.full((len(encoded), length), self.pad_id, dtype=torch.long),
-                 "attention_mask": torch.zeros((len(encoded), length), dtype=torch.long),
-                 "labels": torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)}
-        for row, e in enumerate(encoded):
-            n = len(e["input_ids"])
-            batch["input_ids"][row, :n] = e["input_ids"]
-            batch["attention_mask"][row, :n] = 1
-            batch["labels"][row, :n] = e["labels"]
+        batch = pad_batch(encoded, self.pad_id)
         with_image = [e for e in encoded if "pixel_values" in e]
         if with_image:
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_image])
