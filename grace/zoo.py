@@ -61,7 +61,7 @@ class ZooRecipe:
     v1_batch_size: int = 64
     v1_lr: float = 5e-4
     # v2 continuation of the bf16 models
-    teacher_steps: int = 400
+    teacher_steps: int = 1000
     steps: int = 300
     batch_size: int = 32
     lr: float = 3e-4
@@ -374,3 +374,29 @@ def main(argv: list[str]) -> int:
                       for name, stage in record["stages"].items()}, indent=1))
     print(f"[zoo] done: {cpu_seconds() - start_cpu:.0f} s CPU, {time.time() - start:.0f} s wall", file=sys.stderr)
     return 0
+
+
+TRAIN_TAB_KEYS = ("bits", "lr", "scale_lr", "tau", "eta", "omega", "temperature", "alpha", "dkd_beta", "beta_init",
+                  "beta_min", "beta_max", "ema_decay", "rcka_warmup", "kd_warmup", "freeze_vision", "train_merger",
+                  "controller_update")
+
+
+def train_defaults(zoo: str | Path = DEFAULT_OUT, steps: int = 60, batch_size: int = 4) -> dict:
+    """TrainConfig fields for a short GRACE job on the zoo (the Train tab's default): the zoo's GRACE W4 run's
+    settings (the authors' recipe scaled to these models, tau/eta as measured for them), on data 'shapes-v2',
+    GRACE BF16 as student and the zoo teacher; `steps` and `batch_size` sized for a minute or two on a CPU
+    (the R-CKA warm-up scaled to the run). {} when the zoo has no such record."""
+    record = Path(zoo) / "zoo.json"
+    stages = json.loads(record.read_text()).get("stages", {}) if record.is_file() else {}
+    training = stages.get("grace-w4g128-awq", {}).get("training")
+    if not isinstance(training, dict):
+        return {}
+    values = {k: training[k] for k in TRAIN_TAB_KEYS if k in training}
+    run_steps = int(training.get("steps") or steps)
+    values["rcka_warmup"] = round(values.get("rcka_warmup", 0) * steps / run_steps)
+    values["eta"] = values["eta"] * run_steps / steps if "eta" in values else None   # same gain per run
+    budget = json.loads(record.read_text()).get("pixel_budget", {})
+    return {k: v for k, v in values.items() if v is not None} | {
+        "student": str(Path(zoo) / "grace-bf16"), "teacher": str(Path(zoo) / "teacher"), "data": "shapes-v2",
+        "objective": "grace", "steps": steps, "batch_size": batch_size,
+        "min_pixels": budget.get("min_pixels"), "max_pixels": budget.get("max_pixels")}
