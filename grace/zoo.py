@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import resource
 import shutil
 import statistics
@@ -111,14 +112,30 @@ def complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "README.md").is_file()
 
 
-def controller_settings(probe_gdkd: list[float], steps: int, ratio: float) -> dict:
-    """tau and eta in these models' units. tau: `ratio` x the median L_GDKD of the probe (the starting
-    student against the teacher), so beta climbs while the student is far off and relaxes once the loss has
-    fallen by a third. eta: the authors' gain rescaled so one step moves beta by the same share of its
-    range for the same relative distance from tau, over the same share of the run (eta tau steps constant)."""
-    tau = ratio * statistics.median(probe_gdkd)
+def controller_settings(probe_gdkd: list[float], steps: int, ratio: float, floor: float | None = None) -> dict:
+    """tau and eta in these models' units, from measured L_GDKD levels.
+
+    tau: with `floor` (QAT from GRACE BF16: the L_GDKD that GRACE BF16 reached, median of its last steps), the
+    geometric mean of the probe's level (the quantized student at the start) and that floor: beta grows while
+    quantization keeps the student above it and relaxes as the student recovers. Without (distilling at full
+    precision): `ratio` x the probe's median, so beta climbs while the student is far off and relaxes once the
+    loss has fallen by that share. eta: the authors' gain rescaled so that the same relative distance from
+    tau moves beta by the same share of its range over the same share of the run (eta x tau x steps kept)."""
+    level = statistics.median(probe_gdkd)
+    tau = math.sqrt(level * floor) if floor else ratio * level
     eta = PAPER["eta"] * (PAPER["tau"] / tau) * (PAPER["steps"] / steps)
-    return {"tau": round(tau, 6), "eta": round(eta, 6), "probe_gdkd_median": statistics.median(probe_gdkd)}
+    return {"tau": round(tau, 6), "eta": round(eta, 6), "probe_gdkd_median": level, "floor": floor,
+            "rule": "sqrt(probe median x GRACE BF16's final L_GDKD)" if floor else f"{ratio} x probe median"}
+
+
+def final_level(metrics: Path, last: int = 50) -> float | None:
+    """Median L_GDKD of a run's last `last` steps (None without a GRACE run there)."""
+    from .train.metrics import read_metrics
+
+    if not metrics.is_file():
+        return None
+    values = [s["gdkd"] for s in read_metrics(metrics).steps[-last:] if s.get("gdkd") is not None]
+    return statistics.median(values) if values else None
 
 
 class ZooBuilder:
@@ -187,7 +204,8 @@ class ZooBuilder:
             probe = {"gdkd": [s["gdkd"] for s in steps_logged if s.get("gdkd") is not None]}
             shutil.rmtree(self.work / "probes" / name, ignore_errors=True)
             probe_file.write_text(json.dumps(probe))
-        control = controller_settings(probe["gdkd"], steps, r.tau_ratio)
+        floor = final_level(self.work / "runs" / "grace-bf16" / "metrics.jsonl") if args.get("bits", 16) < 16 else None
+        control = controller_settings(probe["gdkd"], steps, r.tau_ratio, floor)
         args.update(tau=control["tau"], eta=control["eta"])
         args["_probe"] = control | {"probe_gdkd": probe["gdkd"]}
         return args

@@ -53,9 +53,10 @@ def write_card(folder: Path, name: str, card: dict, recipe) -> dict:
              f"- training: `{json.dumps(training) if not isinstance(training, str) else training}`"]
     if card.get("controller"):
         c = card["controller"]
-        lines.append(f"- controller: tau {c['tau']:.4g} = {recipe.tau_ratio} x the median L_GDKD "
-                     f"{c['probe_gdkd_median']:.4g} of a {recipe.probe_steps}-step probe (the authors' 3.0 is in "
-                     f"their model's units); eta {c['eta']:.4g} = 0.003 x (3.0 / tau) x (1300 / steps); beta went "
+        floor = f", GRACE BF16's final L_GDKD {c['floor']:.4g}" if c.get("floor") else ""
+        lines.append(f"- controller: tau {c['tau']:.4g} = {c['rule']} (probe: the median L_GDKD "
+                     f"{c['probe_gdkd_median']:.4g} of the run's first {recipe.probe_steps} steps{floor}; the "
+                     f"authors' 3.0 is in their model's units); eta {c['eta']:.4g} = 0.003 x (3.0 / tau) x (1300 / steps); beta went "
                      f"{c.get('beta_first', 0):.3f} -> {c.get('beta_last', 0):.3f} (range "
                      f"{c.get('beta_lowest', 0):.3f}-{c.get('beta_highest', 0):.3f}, bounds "
                      f"[{recipe.beta_min}, {recipe.beta_max}])")

@@ -40,7 +40,9 @@ def test_reduced_zoo_rebuilds_end_to_end(tmp_path):
         assert "pixel budget 4096..65536" in card and "4-64 visual tokens" in card
         assert stage["n"] == 6 and set(stage["per_type"]) <= set(QUESTION_TYPES)
     controller = record["stages"]["grace-w4g128-awq"]["controller"]
-    assert controller["tau"] == pytest.approx(0.7 * controller["probe_gdkd_median"], rel=1e-3)
+    assert controller["tau"] == pytest.approx((controller["probe_gdkd_median"] * controller["floor"]) ** 0.5, rel=1e-3)
+    bf16 = record["stages"]["grace-bf16"]["controller"]
+    assert bf16["tau"] == pytest.approx(0.7 * bf16["probe_gdkd_median"], rel=1e-3) and bf16["floor"] is None
     assert 0.1 <= controller["beta_lowest"] <= controller["beta_highest"] <= 1.0
     sweep = record["sweep"]
     assert {(r["method"], r["bits"]) for r in sweep["rows"]} == {(m, b) for m in ("ptq-rtn", "qat-ce", "qat-grace")
