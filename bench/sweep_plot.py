@@ -66,3 +66,56 @@ def draw_sweep(rows: list[dict], bf16: float | None, out: Path, width: int = 760
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     return out
+
+
+def draw_trace(steps: list[dict], out: Path, title: str = "") -> Path:
+    """The Train tab's four panels (losses, CKA, IB controller, confidence gate) of one run's metrics, as a PNG."""
+    panels = [("Losses", [("loss", "total", (17, 24, 39)), ("ce", "CE", (37, 99, 235)),
+                          ("gdkd", "gated DKD", (22, 163, 74)), ("rcka", "R-CKA", (220, 38, 38))], None),
+              ("CKA alignment (student vs teacher)", [("cka", "CKA", (124, 58, 237))], (0, 1)),
+              ("IB controller", [("ema", "EMA of L_GDKD", (22, 163, 74)), ("tau", "tau (target)", (107, 114, 128)),
+                                 ("beta", "beta (right axis)", (220, 38, 38))], None),
+              ("Confidence gate", [("gate_mean", "mean", (37, 99, 235)), ("gate_min", "min", (147, 197, 253)),
+                                   ("gate_max", "max", (30, 64, 175))], (0, 1))]
+    width, height = 1000, 640
+    image = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(image)
+    font, small = _font(15), _font(11)
+    d.text((10, 6), title, fill="black", font=font)
+    xs_all = [s["step"] for s in steps]
+    for index, (name, series, fixed) in enumerate(panels):
+        col, row = index % 2, index // 2
+        left, top = 60 + col * 500, 50 + row * 300
+        right, bottom = left + 400, top + 220
+        d.rectangle((left, top, right, bottom), outline=(150, 150, 150))
+        d.text((left, top - 20), name, fill="black", font=font)
+        main = [k for k, _, _ in series if k != "beta"]
+        values = [s[k] for s in steps for k in main if s.get(k) is not None]
+        if not values:
+            continue
+        lo, hi = fixed or (min(values), max(values))
+        if hi - lo < 1e-9:
+            hi = lo + 1e-3
+        x0, x1 = min(xs_all), max(max(xs_all), min(xs_all) + 1)
+
+        def px(x):
+            return left + (x - x0) / (x1 - x0) * (right - left)
+
+        for k, label, colour in series:
+            axis = (0.0, 1.05) if k == "beta" else (lo, hi)
+            pts = [(px(s["step"]), bottom - (s[k] - axis[0]) / (axis[1] - axis[0]) * (bottom - top))
+                   for s in steps if s.get(k) is not None]
+            if len(pts) > 1:
+                d.line(pts, fill=colour, width=2)
+        for j, (k, label, colour) in enumerate(series):
+            d.line((left + 8, bottom + 18 + 14 * j, left + 26, bottom + 18 + 14 * j), fill=colour, width=2)
+            d.text((left + 30, bottom + 11 + 14 * j), label, fill="black", font=small)
+        d.text((left - 48, top - 4), f"{hi:.3g}", fill="black", font=small)
+        d.text((left - 48, bottom - 10), f"{lo:.3g}", fill="black", font=small)
+        d.text((right - 40, bottom + 4), f"step {x1}", fill="black", font=small)
+        if any(k == "beta" for k, _, _ in series):
+            d.text((right + 4, top - 4), "1.0", fill=(220, 38, 38), font=small)
+            d.text((right + 4, bottom - 10), "0", fill=(220, 38, 38), font=small)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    return out

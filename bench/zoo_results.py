@@ -58,6 +58,19 @@ def retention(variants: dict) -> dict:
     return out
 
 
+def traces() -> None:
+    """docs/zoo_trace_*.png: the Train tab's four panels for the zoo's GRACE runs (from the build's work folder)."""
+    from grace.train.metrics import read_metrics
+    from sweep_plot import draw_trace
+
+    work = DEFAULT_OUT.parent / (DEFAULT_OUT.name + "-work") / "runs"
+    for run, png, title in (("grace-bf16", "zoo_trace_bf16.png", "GRACE BF16 stage (zoo v2 build)"),
+                            ("qat-grace-w4-s0", "zoo_trace_w4.png", "GRACE QAT W4G128 stage (zoo v2 build)")):
+        metrics = work / run / "metrics.jsonl"
+        if metrics.is_file():
+            draw_trace(read_metrics(metrics).steps, ROOT / "docs" / png, title)
+
+
 def sweep_section() -> str | None:
     """The sweep of zoo.json as a markdown table, and its plot as docs/zoo_sweep.png."""
     from grace.zoo_sweep import read_sweep
@@ -127,6 +140,7 @@ def main() -> int:
     payload["retention"] = ratios
     for line in ratios.values():
         print(line["text"])
+    traces()
     sweep = sweep_section()
     if sweep:
         payload["sweep_table"] = sweep

@@ -46,7 +46,7 @@ def build_dataset(data: str, seed: int, image_size: int, image_root: str | None 
         return ShapesV2Stream(seed=seed)
     path = Path(data)
     if path.suffix != ".json" or not path.is_file():
-        raise ValueError(f"data must be 'shapes', 'shapes-v2' or an existing conversation .json file, got {data!r}")
+        raise ValueError(f"data must be 'shapes-v2', 'shapes' or an existing conversation .json file, got {data!r}")
     return ConversationDataset(path, image_root)
 
 
