@@ -46,6 +46,39 @@ def language_bytes(model) -> int:
                if "language_model" in n or n.startswith("lm_head"))
 
 
+class Recorded:
+    """A stage's v2 test-split result as the build recorded it in zoo.json (the same model, split and greedy
+    decoding: scoring it again would give the same answers)."""
+
+    def __init__(self, stage: dict):
+        self.accuracy, self.per_type, self.n = stage["accuracy"], stage["per_type"], stage["n"]
+
+
+def recorded(name: str, n: int):
+    import json
+
+    record = DEFAULT_OUT / "zoo.json"
+    stage = json.loads(record.read_text()).get("stages", {}).get(name, {}) if record.is_file() else {}
+    return Recorded(stage) if stage.get("n") == n and stage.get("split") == "shapes-v2-test" else None
+
+
+def upload_items(size: tuple[int, int], n: int):
+    """n shapes-task questions on pictures of an upload's size (beyond the task's 320 px: the budget resizes)."""
+    import random
+
+    from grace.data.shapes import ask
+    from grace.data.shapes_v2 import draw_scene
+    from grace.evaluation import EvalItem
+
+    items = []
+    for index in range(n):
+        rng = random.Random(f"upload/{size}/{index}")
+        image, shapes, _ = draw_scene(rng, size)
+        kind, question, answer = ask(rng, shapes)
+        items.append(EvalItem(question, answer, kind, image, id=index, bench="shapes"))
+    return items
+
+
 def retention(variants: dict) -> dict:
     """GRACE W8 / W4 accuracy as a share of GRACE BF16's, on each data set (the Must-show ratios)."""
     out = {}
@@ -101,6 +134,7 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--alt", type=int, default=300)
     parser.add_argument("--v1", type=int, default=200)
+    parser.add_argument("--uploads", type=int, default=20, help="questions on 640x480 and on 1000x300 pictures")
     args = parser.parse_args()
     apply_args(args)
     from alt_shapes import alt_items
@@ -118,20 +152,23 @@ def main() -> int:
             print(f"skipping {name}: not built", file=sys.stderr)
             continue
         exact = grace.load(folder, device="cpu", dtype=torch.float32)
-        own = evaluate(exact, "shapes-v2-test", limit=args.test, progress=True)
+        own = recorded(name, args.test) or evaluate(exact, "shapes-v2-test", limit=args.test, progress=True)
         other = evaluate(exact, alt, progress=True)
         v1 = evaluate(exact, "shapes-test", limit=args.v1, progress=True)
+        uploads = {f"{w}x{h}": evaluate(exact, upload_items((w, h), args.uploads), progress=False).accuracy
+                   for w, h in ((640, 480), (1000, 300))}
         held = grace.load(folder, device="cpu", dtype=torch.bfloat16)
         speed = decode_speed(held, image)
         entry = {"accuracy_test": own.accuracy, "per_type_test": own.per_type, "accuracy_alt": other.accuracy,
-                 "per_type_alt": other.per_type, "accuracy_v1_64px": v1.accuracy, "weight_bytes": held.weight_bytes,
+                 "per_type_alt": other.per_type, "accuracy_v1_64px": v1.accuracy,
+                 "accuracy_uploads": uploads, "weight_bytes": held.weight_bytes,
                  "language_model_bytes": language_bytes(held.model), "decode_tokens_per_s": speed}
         payload["variants"][name] = entry
-        rows.append([model, precision, f"{own.accuracy:.3f}", f"{other.accuracy:.3f}", f"{v1.accuracy:.3f}",
+        rows.append([model, precision, f"{own.accuracy:.3f}", f"{other.accuracy:.3f}", f"{v1.accuracy:.3f}", " / ".join(f"{a:.2f}" for a in uploads.values()),
                      " / ".join(f"{own.per_type.get(t, 0):.2f}" for t in ("color", "count", "exist", "left", "describe")),
                      f"{held.weight_bytes / 1e6:.2f}", f"{entry['language_model_bytes'] / 1e6:.2f}", f"{speed:.0f}"])
     headers = ["Model", "Precision", f"shapes v2 test ({args.test})", f"independent renderer v2 ({args.alt})",
-               f"v1 64x64 ({args.v1})",
+               f"v1 64x64 ({args.v1})", f"640x480 / 1000x300 ({args.uploads} each)",
                "color / count / exist / left / describe", "weights MB", "language model MB", "decode tok/s"]
     info = machine_info()
     table = md_table(headers, rows)

@@ -148,6 +148,9 @@ class ZooBuilder:
         self.record["recipe"] = _jsonable(asdict(recipe))
         self.record["pixel_budget"] = {"min_pixels": recipe.min_pixels, "max_pixels": recipe.max_pixels,
                                        "visual_tokens": [recipe.min_pixels // 1024, recipe.max_pixels // 1024]}
+        from .zoo_cards import deviations
+
+        self.record["deviations"] = deviations(recipe)
         self.record.setdefault("stages", {})
         self.built: set[str] = set()
 
@@ -157,7 +160,7 @@ class ZooBuilder:
         self.out.mkdir(parents=True, exist_ok=True)
         on_disk = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {"stages": {}}
         on_disk.setdefault("stages", {}).update({k: self.record["stages"][k] for k in self.built})
-        on_disk.update({k: self.record[k] for k in ("recipe", "pixel_budget")})
+        on_disk.update({k: self.record[k] for k in ("recipe", "pixel_budget", "deviations")})
         on_disk.update(extra or {})
         self.record = on_disk
         tmp = self.record_path.with_suffix(".json.partial")
@@ -333,17 +336,17 @@ class ZooBuilder:
                 "training": "none (post-training quantization of grace-bf16)", "initialised_from": "grace-bf16"}
 
 
-def _beta_trace(metrics: Path) -> dict:
-    """How the controller behaved: beta's range and the share of steps it sat at a bound."""
+def _beta_trace(metrics: Path, bounds: tuple[float, float] = (0.1, 1.0)) -> dict:
+    """How the controller behaved: beta's range, the share of steps it sat at a bound, a thinned trace."""
     from .train.metrics import read_metrics
 
     steps = [s for s in read_metrics(metrics).steps if s.get("beta") is not None]
     if not steps:
         return {}
     betas = [s["beta"] for s in steps]
-    low, high = min(s.get("beta_min", 0.1) for s in steps[:1]), None
+    at_bound = sum(1 for b in betas if min(abs(b - bounds[0]), abs(b - bounds[1])) < 1e-6) / len(betas)
     return {"beta_first": betas[0], "beta_last": betas[-1], "beta_lowest": min(betas), "beta_highest": max(betas),
-            "gdkd_first": steps[0].get("gdkd"), "gdkd_last": steps[-1].get("gdkd"),
+            "share_at_bound": at_bound, "gdkd_first": steps[0].get("gdkd"), "gdkd_last": steps[-1].get("gdkd"),
             "beta_trace": [round(b, 4) for b in betas[:: max(1, len(betas) // 40)]]}
 
 
@@ -399,7 +402,7 @@ TRAIN_TAB_KEYS = ("bits", "lr", "scale_lr", "tau", "eta", "omega", "temperature"
                   "controller_update")
 
 
-def train_defaults(zoo: str | Path = DEFAULT_OUT, steps: int = 60, batch_size: int = 4) -> dict:
+def train_defaults(zoo: str | Path = DEFAULT_OUT, steps: int = 300, batch_size: int = 4) -> dict:
     """TrainConfig fields for a short GRACE job on the zoo (the Train tab's default): the zoo's GRACE W4 run's
     settings (the authors' recipe scaled to these models, tau/eta as measured for them), on data 'shapes-v2',
     GRACE BF16 as student and the zoo teacher; `steps` and `batch_size` sized for a minute or two on a CPU
