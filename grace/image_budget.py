@@ -7,7 +7,8 @@ the checkpoint's preprocessor config), the size a picture is resized to and the 
 Qwen-VL's resize keeps the aspect ratio, so a picture thinner than about 1:8 cannot fit a small budget (a
 6000x8 strip would come out 32 px high and hundreds of tokens long, and past 1:200 the processor refuses
 it). `fit_picture` pads such a strip with its own edge colour to MAX_ASPECT first; every picture the chat and
-evaluation helpers pass to a processor goes through it.
+evaluation helpers pass to a processor goes through it (grace.chat refuses, in words, strips past 1:200 before
+that, as the processor would; `seen_as` answers for any size).
 """
 
 from __future__ import annotations
