@@ -17,7 +17,9 @@ from .families import Registry
 from .model_cache import CacheError, ModelCache
 from .settings import Settings
 
-BUILT_IN = [("shapes test split", "shapes-test"), ("shapes validation split", "shapes-val")]
+BUILT_IN = [("shapes v2 test split", "shapes-v2-test"), ("shapes v2 validation split", "shapes-v2-val"),
+            ("shapes v1 test split (64x64)", "shapes-test"), ("shapes v1 validation split (64x64)", "shapes-val")]
+METHOD_NAMES = {"ptq-rtn": "round-to-nearest PTQ", "qat-ce": "CE-only QAT", "qat-grace": "GRACE QAT"}
 MAX_QUESTIONS = 500
 SHOW_FLIPS = 5
 
@@ -48,6 +50,31 @@ def accuracy_figure(results: dict[str, dict]) -> go.Figure:
                          margin=dict(l=50, r=10, t=40, b=40), title="Accuracy per variant and category",
                          legend=dict(orientation="h", y=-0.2))
     return figure
+
+
+def sweep_figure(rows: list[dict], bf16: float | None = None) -> go.Figure:
+    """Accuracy against weight bits, one line per method (mean over seeds, bars from min to max)."""
+    figure = go.Figure()
+    for method, name in METHOD_NAMES.items():
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bits"])
+        if not points:
+            continue
+        figure.add_scatter(name=name, x=[r["bits"] for r in points], y=[r["mean"] for r in points],
+                           mode="lines+markers", error_y=dict(type="data", symmetric=False,
+                                                              array=[r["max"] - r["mean"] for r in points],
+                                                              arrayminus=[r["mean"] - r["min"] for r in points]))
+    if bf16 is not None:
+        figure.add_hline(y=bf16, line_dash="dot", annotation_text=f"GRACE BF16 {bf16:.3f}")
+    figure.update_layout(xaxis=dict(title="weight bits (group 128)", tickvals=[2, 3, 4, 8], type="log"),
+                         yaxis=dict(range=[0, 1], title="accuracy (shapes v2 test)"), height=360,
+                         margin=dict(l=50, r=10, t=40, b=40), title="Bits sweep from the same GRACE BF16 student",
+                         legend=dict(orientation="h", y=-0.25))
+    return figure
+
+
+def sweep_rows(rows: list[dict]) -> list[list]:
+    return [[METHOD_NAMES.get(r["method"], r["method"]), r["bits"], r["n_seeds"], round(r["mean"], 3),
+             round(r["std"], 3), f"{r['min']:.3f}-{r['max']:.3f}"] for r in sorted(rows, key=lambda r: (-r["bits"], r["method"]))]
 
 
 def _flips(ids: list) -> str:
@@ -154,7 +181,7 @@ class EvalTab:
                 variants = gr.CheckboxGroup(family.labels if family else [],
                                             value=family.default_labels if family else [], label="Variants",
                                             elem_id="eval-variants")
-                data = gr.Dropdown(self.data_choices(), value="shapes-test", label="Data set", elem_id="eval-data")
+                data = gr.Dropdown(self.data_choices(), value="shapes-v2-test", label="Data set", elem_id="eval-data")
                 limit = gr.Slider(1, MAX_QUESTIONS, value=100, step=1, label="Questions (first N)")
                 gr.Markdown("Benchmarks use the GRACE authors' protocol (greedy, the option letter). The first "
                             "variant ticked is the reference for agreement and flips.")
@@ -163,6 +190,7 @@ class EvalTab:
                 table = gr.Dataframe(label="Accuracy, agreement and flips", interactive=False, elem_id="eval-table")
                 chart = gr.Plot(label="Accuracy per category", elem_id="eval-chart")
                 details = gr.JSON(visible=False)
+        self.build_sweep()
 
         def pick_family(name):
             chosen = self.registry.get(name) if name in self.registry.names() else None
@@ -173,3 +201,19 @@ class EvalTab:
         run.click(self.run, [family_box, variants, data, limit], [table, chart, details], api_name="evaluate",
                   concurrency_limit=1)
         return family_box
+
+    def build_sweep(self) -> None:
+        """The zoo's bits sweep, read from its zoo.json (nothing is shown for a zoo built without one)."""
+        from grace.zoo_sweep import read_sweep, sweep_table
+
+        sweep = read_sweep(self.settings.zoo_dir / "zoo.json")
+        rows = sweep_table(self.settings.zoo_dir / "zoo.json")
+        if not rows:
+            return
+        with gr.Accordion("Bits sweep of the offline zoo (zoo.json)", open=False, elem_id="eval-sweep"):
+            gr.Markdown(f"From the same GRACE BF16 student, scored on the first {sweep['questions']} questions of "
+                        "the shapes v2 test split; QAT means over seeds (data order), bars from the lowest to the "
+                        "highest seed. 3- and 2-bit codes are held in the 4-bit container.")
+            gr.Plot(sweep_figure(rows, sweep.get("bf16")), elem_id="eval-sweep-chart")
+            gr.Dataframe(value=sweep_rows(rows), headers=["method", "bits", "seeds", "mean", "std", "range"],
+                         interactive=False, elem_id="eval-sweep-table")

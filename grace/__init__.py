@@ -20,9 +20,10 @@ from .quant import Int4Linear, Int4WeightOnlyConfig, Int8Linear, Int8WeightOnlyC
 from . import train   # the package, callable: grace.train(TrainConfig(...)) runs a training
 from .train import TrainConfig, TrainResult
 from .evaluation import EvalResult, evaluate
+from .image_budget import ImageView, seen_as
 
 __all__ = ["GraceLoadError", "CheckpointInfo", "inspect", "LoadedModel", "load", "export_awq", "export_int8",
            "save_packed", "save_plain", "save_qat_release", "quantize_", "Int4Linear", "Int8Linear",
            "Int4WeightOnlyConfig", "Int8WeightOnlyConfig", "TrainConfig", "TrainResult", "train", "EvalResult",
-           "evaluate"]
+           "evaluate", "ImageView", "seen_as"]
 __version__ = "0.1.0"

@@ -145,7 +145,10 @@ def build_inputs(processor, image: Image.Image | None, question: str, device: to
         raise InvalidRequest("Please type a question.")
     question = neutralise(question, processor.tokenizer)
     text = processor.apply_chat_template(build_messages(question, image is not None), add_generation_prompt=True)
-    images = [check_image(image).convert("RGB")] if image is not None else None
+    from .image_budget import fit_picture
+
+    # past 1:200 refused in words (check_image); thinner than 1:8 padded so the pixel budget holds
+    images = [fit_picture(check_image(image))] if image is not None else None
     return processor(text=[text], images=images, return_tensors="pt").to(device)
 
 

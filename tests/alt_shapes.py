@@ -1,9 +1,11 @@
-"""A second, independent renderer of the shapes task (numpy rasterisation, other shades, canvas sizes
-and placement), used to check that models learned the task rather than the training renderer's quirks.
+"""A second, independent renderer of the shapes task (numpy rasterisation with coverage anti-aliasing, other
+shades, canvas sizes, backgrounds and placement), used to check that models learned the task rather than the
+training renderer's quirks.
 
-Follows the task's definition only: light plain background, 1-3 non-overlapping shapes from
-{circle, square, triangle} in {red, green, blue, yellow}, each 15-40 % of the shorter side, and the
-five question templates with lower-case answers.
+Follows the task's definition only (v2): pictures 40-320 px a side with aspect ratio up to 3:1, a light plain,
+gradient or noisy background, 1-3 non-overlapping shapes from {circle, square, triangle} in {red, green, blue,
+yellow}, each 15-40 % of the shorter side, and the five question templates with lower-case answers.
+`render_scene(rng, v2=False)` keeps the square canvases of v1.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ KINDS = ("circle", "square", "triangle")
 NUMBER = {1: "one", 2: "two", 3: "three"}
 
 
-def _mask(kind, cx, cy, half, h, w):
+def _mask(kind, cx, cy, half, h, w, samples=1):
+    """Coverage in [0, 1] of each pixel (samples x samples points per pixel; 1: hard edges)."""
+    if samples > 1:
+        offsets = (np.arange(samples) + 0.5) / samples - 0.5
+        return np.mean([_mask(kind, cx - dx, cy - dy, half, h, w) for dx in offsets for dy in offsets], axis=0)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     if kind == "circle":
         return (xx - cx) ** 2 + (yy - cy) ** 2 <= half ** 2
@@ -29,14 +35,33 @@ def _mask(kind, cx, cy, half, h, w):
     return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= t * half)
 
 
-def render_scene(rng: np.random.Generator):
-    # square, like the training images (the processor keeps the aspect ratio, so other shapes of
-    # canvas give the tiny models token grids they never saw); the size still varies
-    w = h = int(rng.integers(64, 161))
+def _canvas(rng: np.random.Generator, v2: bool):
+    if not v2:
+        w = h = int(rng.integers(64, 161))
+        canvas = np.empty((h, w, 3), dtype=np.float32)
+        canvas[:] = rng.integers(215, 256, size=3)
+        return canvas
+    short = int(rng.integers(40, 200))
+    long = int(min(320, short * rng.uniform(1.0, 3.0)))
+    h, w = (short, long) if rng.random() < 0.5 else (long, short)
+    top, bottom = rng.integers(190, 256, size=3), rng.integers(190, 256, size=3)
+    style = rng.integers(3)
+    if style == 0:                                        # plain
+        canvas = np.broadcast_to(top, (h, w, 3)).astype(np.float32)
+    elif style == 1:                                      # vertical or horizontal two-colour ramp
+        t = np.linspace(0, 1, h if rng.random() < 0.5 else w, dtype=np.float32)
+        t = t[:, None] if len(t) == h else t[None, :]
+        canvas = top + t[..., None] * (bottom - top).astype(np.float32)
+        canvas = np.broadcast_to(canvas, (h, w, 3)).astype(np.float32)
+    else:                                                 # uniform noise on a plain colour
+        canvas = top + rng.uniform(-10, 10, size=(h, w, 3))
+    return canvas.astype(np.float32).copy()
+
+
+def render_scene(rng: np.random.Generator, v2: bool = True):
+    canvas = _canvas(rng, v2)
+    h, w = canvas.shape[:2]
     short = min(w, h)
-    background = rng.integers(215, 256, size=3)
-    canvas = np.empty((h, w, 3), dtype=np.uint8)
-    canvas[:] = background
     count = int(rng.integers(1, 4))
     placed = []
     for _ in range(500):
@@ -49,10 +74,16 @@ def render_scene(rng: np.random.Generator):
         if all(abs(cx - px) > half + ph + 1 or abs(cy - py) > half + ph + 1 for px, py, ph, _, _ in placed) and \
                 all(abs(cx - px) > 0.1 * w for px, *_ in placed):
             placed.append((cx, cy, half, str(rng.choice(KINDS)), str(rng.choice(list(SHADES)))))
+    samples = 3 if (v2 and rng.random() < 0.5) else 1
     for cx, cy, half, kind, color in placed:
         shades = SHADES[color]
-        canvas[_mask(kind, cx, cy, half, h, w)] = shades[int(rng.integers(len(shades)))]
-    return Image.fromarray(canvas), sorted(placed, key=lambda s: s[0])
+        fill = np.array(shades[int(rng.integers(len(shades)))], dtype=np.float32)
+        if v2:
+            fill = np.clip(fill * rng.uniform(0.85, 1.08), 0, 255)
+        cover = _mask(kind, cx, cy, half, h, w, samples).astype(np.float32)[..., None]
+        canvas = canvas * (1 - cover) + fill * cover
+    image = Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8))
+    return image, sorted(placed, key=lambda s: s[0])
 
 
 def question_for(rng: np.random.Generator, shapes):
@@ -83,14 +114,14 @@ def question_for(rng: np.random.Generator, shapes):
     return "describe", "Describe the image.", text
 
 
-def alt_items(n: int = 200, seed: int = 2026):
+def alt_items(n: int = 200, seed: int = 2026, v2: bool = True):
     """n (image, question, answer, type) items from this renderer, deterministic in `seed`."""
     from grace.evaluation import EvalItem
 
     rng = np.random.default_rng(seed)
     items = []
     while len(items) < n:
-        image, shapes = render_scene(rng)
+        image, shapes = render_scene(rng, v2)
         if not shapes:
             continue
         qtype, question, answer = question_for(rng, shapes)

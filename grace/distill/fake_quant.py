@@ -43,8 +43,8 @@ class QATConfig:
     init_range: tuple[float, float] = (0.3, 1.2)
 
     def __post_init__(self):
-        if self.bits not in (4, 8, 16):
-            raise ValueError(f"QAT bits must be 4, 8 or 16 (no quantization), got {self.bits}")
+        if self.bits not in (2, 3, 4, 8, 16):
+            raise ValueError(f"QAT bits must be 2, 3, 4, 8 or 16 (no quantization), got {self.bits}")
         if self.group_size <= 0:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
         self.skip_keywords = tuple(self.skip_keywords)

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from .item import BenchmarkError, EvalItem
 
-SPLITS = {"shapes-test": "test", "shapes-val": "validation"}
+SPLITS = {"shapes-test": "test", "shapes-val": "validation", "shapes-v2-test": "test", "shapes-v2-val": "validation"}
 DEFAULT_QUESTIONS = 500
 
 
 def read_shapes(name: str, limit: int | None = None, seed: int = 0) -> list[EvalItem]:
-    from ..data.shapes import make_sample
+    from ..data import shapes, shapes_v2
 
+    make_sample = shapes_v2.make_sample if name.startswith("shapes-v2") else shapes.make_sample
     samples = (make_sample(SPLITS[name], seed, i) for i in range(limit or DEFAULT_QUESTIONS))
     return [EvalItem(s.question, s.answer, s.type, s.image, id=i, bench="shapes") for i, s in enumerate(samples)]
 

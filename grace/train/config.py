@@ -26,7 +26,7 @@ class TrainConfig:
                                          "mirrors); else $GRACE_VISION_TOWER, else the Hub")
     out: str | None = opt(None, "run folder (default with --resume: the resumed run's folder)")
     data: str = opt("shapes", "'shapes' (endless synthetic stream) or a LLaVA/ShareGPT4V conversation JSON")
-    bits: Literal[4, 8, 16] = opt(4, "student weight bits: 4 or 8 (QAT, group-wise) or 16 (no quantization)")
+    bits: Literal[2, 3, 4, 8, 16] = opt(4, "student weight bits: 4 or 8 (QAT, group-wise; 2 and 3 for sweeps, codes in the 4-bit container, no packed export) or 16 (no quantization)")
     steps: int = opt(1000, "optimizer steps of the whole run")
     objective: Literal["grace", "kd", "ce"] | None = opt(None, "grace | kd | ce (default: grace with a teacher, "
                                                                "ce without)")
@@ -99,8 +99,8 @@ class TrainConfig:
         problems = []
         if not self.student:
             problems.append("a student checkpoint is required")
-        if self.bits not in (4, 8, 16):
-            problems.append(f"bits must be 4, 8 or 16, got {self.bits}")
+        if self.bits not in (2, 3, 4, 8, 16):
+            problems.append(f"bits must be 2, 3, 4, 8 or 16, got {self.bits}")
         if self.controller_update not in ("after_step", "last_micro_batch"):
             problems.append(f"controller_update must be after_step or last_micro_batch, got {self.controller_update!r}")
         if self.objective is not None and self.objective not in OBJECTIVES:

@@ -124,6 +124,8 @@ def export_release(student, processor, qat_config, bits: int, out: Path) -> dict
     if bits == 16:
         return {"final": save_plain(student, processor, out / FINAL_DIR)}
     final = save_qat_release(student, processor, out / FINAL_DIR, qat_config)
+    if bits not in EXPORT_DIRS:          # 2- and 3-bit sweeps: the QAT release (its grid as weights) only
+        return {"final": final}
     exporter = export_awq if bits == 4 else export_int8
     return {"final": final, "export": exporter(final, out / EXPORT_DIRS[bits])}
 

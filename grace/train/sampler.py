@@ -34,15 +34,19 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def build_dataset(data: str, seed: int, image_size: int, image_root: str | None = None):
-    """'shapes' (the endless synthetic stream) or a conversation JSON file."""
+    """'shapes' / 'shapes-v2' (the endless synthetic streams) or a conversation JSON file."""
     from ..data.conversations import ConversationDataset
     from ..data.shapes import ShapesStream
 
     if data == "shapes":
         return ShapesStream(seed=seed, image_size=image_size)
+    if data == "shapes-v2":
+        from ..data.shapes_v2 import ShapesV2Stream
+
+        return ShapesV2Stream(seed=seed)
     path = Path(data)
     if path.suffix != ".json" or not path.is_file():
-        raise ValueError(f"data must be 'shapes' or an existing conversation .json file, got {data!r}")
+        raise ValueError(f"data must be 'shapes-v2', 'shapes' or an existing conversation .json file, got {data!r}")
     return ConversationDataset(path, image_root)
 
 

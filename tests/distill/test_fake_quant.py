@@ -209,8 +209,8 @@ def test_apply_qat_no_op_and_errors(tiny):
     with pytest.raises(ValueError, match="group_size=256"):
         apply_qat(tiny, QATConfig(bits=4, group_size=256))
     assert not any(isinstance(m, FakeQuantLinear) for m in tiny.modules())    # nothing half-replaced
-    with pytest.raises(ValueError):
-        QATConfig(bits=3)
+    with pytest.raises(ValueError, match="2, 3, 4, 8 or 16"):
+        QATConfig(bits=5)
 
 
 def test_strip_qat_keeps_outputs(tiny):

@@ -64,3 +64,31 @@ def test_refusals_are_plain(tab, data_root):
     with pytest.raises(gr.Error, match="could not be read: .*pid_splits.json") as err:
         tab.run(families.DEV_FAMILY, ["BF16"], str((data_root / "ScienceQA").resolve()), 3)
     assert str(data_root) not in str(err.value)
+
+
+SWEEP = {"questions": 300, "bf16": 0.9, "rows": [
+    {"method": m, "bits": b, "n_seeds": n, "mean": a, "std": s, "min": a - s, "max": a + s, "accuracies": [a]}
+    for m, b, n, a, s in [("ptq-rtn", 8, 1, 0.9, 0.0), ("ptq-rtn", 4, 1, 0.8, 0.0), ("qat-ce", 4, 3, 0.85, 0.02),
+                          ("qat-grace", 4, 3, 0.87, 0.01)]]}
+
+
+def test_the_zoo_bits_sweep_is_read_from_zoo_json(tmp_path, fixtures_dir):
+    from demo.eval_tab import sweep_figure, sweep_rows
+    from grace.zoo_sweep import read_sweep, sweep_table
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "zoo.json").write_text(__import__("json").dumps({"stages": {}, "sweep": SWEEP}))
+    rows = sweep_table(zoo / "zoo.json")
+    assert [(r["method"], r["bits"]) for r in rows][:2] == [("ptq-rtn", 8), ("ptq-rtn", 4)]
+    figure = sweep_figure(rows, read_sweep(zoo)["bf16"])
+    assert [t.name for t in figure.data] == ["round-to-nearest PTQ", "CE-only QAT", "GRACE QAT"]
+    assert list(figure.data[0].x) == [4, 8] and list(figure.data[2].y) == [0.87]
+    table = sweep_rows(rows)
+    assert table[0][:3] == ["round-to-nearest PTQ", 8, 1] and ["GRACE QAT", 4, 3, 0.87, 0.01, "0.860-0.880"] in table
+    assert sweep_table(tmp_path / "nowhere.json") == []
+    s = settings.Settings(zoo_dir=zoo, fixtures_dir=fixtures_dir, hub="off", allow_local=[])
+    tab = EvalTab(s, families.build_registry(s), ModelCache(2**30, device="cpu"))
+    with gr.Blocks() as page:
+        tab.build()
+    assert any(getattr(block, "elem_id", None) == "eval-sweep-chart" for block in page.blocks.values())

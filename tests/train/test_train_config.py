@@ -9,8 +9,8 @@ from grace.train.config import TrainConfig
 
 
 def test_bad_configuration_is_reported():
-    with pytest.raises(ValueError, match="bits must be 4, 8 or 16"):
-        TrainConfig(student="s", out="o", bits=3)
+    with pytest.raises(ValueError, match="bits must be 2, 3, 4, 8 or 16"):
+        TrainConfig(student="s", out="o", bits=5)
     with pytest.raises(ValueError, match="needs a teacher"):
         TrainConfig(student="s", out="o", objective="grace")
     with pytest.raises(ValueError, match="beta_min <= beta_init"):
@@ -58,4 +58,4 @@ def test_command_line_errors_exit_2_with_a_message(capsys):
     assert main(["--resume", "/nonexistent/run"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--bits", "3", "--student", "s", "--out", "o"])         # argparse: not one of the choices
+        main(["--bits", "5", "--student", "s", "--out", "o"])         # argparse: not one of the choices
