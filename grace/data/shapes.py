@@ -178,16 +178,22 @@ class ShapesStream:
 
 def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0, image_size: int = 64) -> Path:
     """Write samples 0..n-1 of a split: PNGs in OUT/images/, records in OUT/<split>.json (paths relative
-    to the JSON's folder). The JSON is written last, through a temporary file, so it never lists
-    images that are not there."""
+    to the JSON's folder)."""
+    return write_samples(out_dir, split, n, lambda index: make_sample(split, seed, index, image_size),
+                         f"{split}-{seed}")
+
+
+def write_samples(out_dir: str | os.PathLike, split: str, n: int, sample_at, name: str) -> Path:
+    """PNGs of sample_at(0..n-1) as OUT/images/<name>-<index>.png and their records in OUT/<split>.json.
+    The JSON is written last, through a temporary file, so it never lists images that are not there."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(n):
-        sample = make_sample(split, seed, index, image_size)
-        relative = f"images/{split}-{seed}-{index:07d}.png"
+        sample = sample_at(index)
+        relative = f"images/{name}-{index:07d}.png"
         sample.image.save(out / relative, format="PNG")
         records.append(sample.conversation(relative))
     json_path = out / f"{split}.json"

@@ -19,7 +19,6 @@ function of (split, seed, index) and the splits never share a random stream.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shapes import COLORS, SPLITS, Shape, ShapeSample, _place_shapes, ask
+from .shapes import COLORS, SPLITS, Shape, ShapeSample, _place_shapes, ask, write_samples
 
 VERSION = 2
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 40, 320, 3.0
@@ -124,21 +123,7 @@ class ShapesV2Stream:
 
 def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0) -> Path:
     """Samples 0..n-1 of a v2 split as PNGs in OUT/images/ and OUT/<split>.json (written last, atomically)."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for index in range(n):
-        sample = make_sample(split, seed, index)
-        relative = f"images/v2-{split}-{seed}-{index:07d}.png"
-        sample.image.save(out / relative, format="PNG")
-        records.append(sample.conversation(relative))
-    json_path = out / f"{split}.json"
-    tmp = json_path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
-    os.replace(tmp, json_path)
-    return json_path
+    return write_samples(out_dir, split, n, lambda index: make_sample(split, seed, index), f"v2-{split}-{seed}")
 
 
 def main(argv: list[str] | None = None) -> int:
