@@ -156,6 +156,18 @@ def write_seed(folder: Path) -> Path:
     return folder
 
 
+def write_data_root(root: Path) -> Path:
+    """All seven benchmarks under one folder, each named as `--bench grace7 --data-root` finds it."""
+    write_mmbench(root / "MMBench_DEV_EN.tsv")
+    write_mmstar(root / "MMStar.tsv")
+    write_scienceqa(root / "ScienceQA")
+    write_ai2d(root / "AI2D")
+    write_hallusionbench(root / "HallusionBench")
+    write_mmmu(root / "MMMU")
+    write_seed(root / "SEED-Bench")
+    return root
+
+
 def write_predictions(path: Path, answers: list[tuple[object, str]], **extra) -> Path:
     with path.open("w", encoding="utf-8") as f:
         for question_id, answer in answers:

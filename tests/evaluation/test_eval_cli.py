@@ -42,13 +42,7 @@ def test_dump_prompts_without_a_model(tmp_path, capsys):
 
 
 def test_grace7_release_row_from_saved_answers(tmp_path, capsys):
-    bf.write_mmbench(tmp_path / "MMBench_DEV_EN.tsv")
-    bf.write_mmstar(tmp_path / "MMStar.tsv")
-    bf.write_scienceqa(tmp_path / "ScienceQA")
-    bf.write_ai2d(tmp_path / "AI2D")
-    bf.write_hallusionbench(tmp_path / "HallusionBench")
-    bf.write_mmmu(tmp_path / "MMMU")
-    bf.write_seed(tmp_path / "SEED-Bench")
+    bf.write_data_root(tmp_path)
     preds = tmp_path / "all.jsonl"
     answers = {"mmbench": [(10, "A"), (11, "B")], "mmstar": [(0, "B"), (1, "B")], "scienceqa": [("3", "A"), ("1", "B")],
                "ai2d": [(0, "A"), (1, "A")], "mmmu": [("validation_Art_1", "Monet")], "seed": [("101", "A"), ("102", "A")],

@@ -128,13 +128,7 @@ def test_limit_and_bad_paths(tmp_path):
 
 
 def test_a_data_root_with_all_seven(tmp_path):
-    bf.write_mmbench(tmp_path / "MMBench_DEV_EN.tsv")
-    bf.write_mmstar(tmp_path / "MMStar.tsv")
-    bf.write_scienceqa(tmp_path / "ScienceQA")
-    bf.write_ai2d(tmp_path / "AI2D")
-    bf.write_hallusionbench(tmp_path / "HallusionBench")
-    bf.write_mmmu(tmp_path / "MMMU")
-    bf.write_seed(tmp_path / "SEED-Bench")
+    bf.write_data_root(tmp_path)
     found = {bench: locate(tmp_path, bench).name for bench in
              ("hallusionbench", "mmbench", "scienceqa", "ai2d", "mmmu", "seed", "mmstar")}
     assert found == {"hallusionbench": "HallusionBench", "mmbench": "MMBench_DEV_EN.tsv", "scienceqa": "ScienceQA",

@@ -1,6 +1,6 @@
 """Shared by the LLaVA tests (imported by name: a conftest.py here would shadow tests/conftest.py as `conftest`)."""
 
-import shutil
+from checkpoint_helpers import copy_fixture  # noqa: F401 (re-exported for the LLaVA tests)
 
 import pytest
 
@@ -29,9 +29,3 @@ def offline_hub(monkeypatch, tmp_path):
     return cache
 
 
-def copy_fixture(fixtures_dir, name, tmp_path):
-    dst = tmp_path / name
-    shutil.copytree(fixtures_dir / name, dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
-    return dst

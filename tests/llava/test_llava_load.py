@@ -11,6 +11,7 @@ from transformers import LlavaForConditionalGeneration
 import grace
 from grace.chat import build_inputs
 from grace.quant import Int4Linear
+from checkpoint_helpers import quantized_linear_bytes
 from llava_helpers import LLAVA_FIXTURES, clip_tiny, copy_fixture, no_tower_env, offline_hub  # noqa: F401 (fixtures)
 
 
@@ -58,11 +59,7 @@ def test_qat_unpacked_is_the_bf16_grid_as_stored(fixtures_dir, clip_tiny):
 @pytest.mark.parametrize("name", LLAVA_FIXTURES)
 def test_int4_bytes_at_most_half_of_bf16(fixtures_dir, clip_tiny, name):
     loaded = grace.load(fixtures_dir / name, device="cpu", dtype=torch.bfloat16, vision_tower=clip_tiny)
-    held = plain = 0
-    for n in loaded.quantized_modules:
-        m = loaded.model.get_submodule(n)
-        held += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-        plain += m.in_features * m.out_features * 2
+    held, plain = quantized_linear_bytes(loaded)
     assert held <= 0.5 * plain, held / plain
     unpacked = grace.load(fixtures_dir / "llava-tiny-grace-w4g128-qat", device="cpu", dtype=torch.bfloat16,
                           vision_tower=clip_tiny, packed=False)

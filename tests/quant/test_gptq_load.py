@@ -1,7 +1,6 @@
 """grace.load reads AutoRound's GPTQ-format layouts (quant_method gptq, and auto-round's auto_gptq packing)."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from grace.chat import build_inputs
 from grace.quant import Int4Linear
 from grace.tiny import TinyConfig, save_checkpoint, tiny_qwen3vl
 
+from checkpoint_helpers import copy_fixture, quantized_linear_bytes
 from test_gptq_pack import pack_reference
 
 FIXTURES = {"qwen3vl-tiny-autoround-gptq": "gptq", "qwen3vl-tiny-autoround": "auto-round"}
@@ -42,11 +42,7 @@ def test_fixture_logits_ids_and_greedy(fixtures_dir, name, fmt):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_int4_bytes_at_most_half_of_bf16(fixtures_dir, name):
     loaded = grace.load(fixtures_dir / name, device="cpu", dtype=torch.bfloat16)
-    held = plain = 0
-    for n in loaded.quantized_modules:
-        m = loaded.model.get_submodule(n)
-        held += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-        plain += m.in_features * m.out_features * 2
+    held, plain = quantized_linear_bytes(loaded)
     assert held <= 0.5 * plain, held / plain
 
 
@@ -130,12 +126,6 @@ def test_generated_gptq_checkpoint_matches_independent_decode(tmp_path, variant)
 
 # -- checkpoints that must be refused clearly ------------------------------------------------------------
 
-def copy_fixture(fixtures_dir, name, tmp_path):
-    dst = tmp_path / name
-    shutil.copytree(fixtures_dir / name, dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
-    return dst
 
 
 def edit_config(folder, **quant):
