@@ -26,7 +26,6 @@ import argparse
 import copy
 import itertools
 import json
-import statistics
 import sys
 import time
 import warnings

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 from _util import ROOT, add_common_args, apply_args, machine_info, machine_line, md_table, write_results
 
@@ -21,7 +20,7 @@ import torch  # noqa: E402
 import grace  # noqa: E402
 from grace.chat import GenerationSettings, answer  # noqa: E402
 from grace.evaluation import evaluate  # noqa: E402
-from grace.zoo import DEFAULT_OUT, VARIANTS  # noqa: E402
+from grace.zoo import DEFAULT_OUT  # noqa: E402
 
 ROWS = [("teacher", "Teacher (8B role)", "BF16"), ("student", "Student baseline (2B role), CE", "BF16"),
         ("grace-bf16", "GRACE student", "BF16"), ("grace-w8g128", "GRACE student", "W8G128"),
