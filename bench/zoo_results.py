@@ -96,7 +96,7 @@ def traces() -> None:
     from sweep_plot import draw_trace
 
     work = DEFAULT_OUT.parent / (DEFAULT_OUT.name + "-work") / "runs"
-    for run, png, title in (("grace-bf16", "zoo_trace_bf16.png", "GRACE BF16 stage (zoo v2 build)"),
+    for run, png, title in (("grace-bf16-leg2", "zoo_trace_bf16.png", "GRACE BF16 stage, second leg (zoo v2 build)"),
                             ("qat-grace-w4-s0", "zoo_trace_w4.png", "GRACE QAT W4G128 stage (zoo v2 build)")):
         metrics = work / run / "metrics.jsonl"
         if metrics.is_file():

@@ -41,8 +41,12 @@ def test_reduced_zoo_rebuilds_end_to_end(tmp_path):
         assert stage["n"] == 6 and set(stage["per_type"]) <= set(QUESTION_TYPES)
     controller = record["stages"]["grace-w4g128-awq"]["controller"]
     assert controller["tau"] == pytest.approx((controller["probe_gdkd_median"] * controller["floor"]) ** 0.5, rel=1e-3)
-    bf16 = record["stages"]["grace-bf16"]["controller"]
-    assert bf16["tau"] == pytest.approx(0.7 * bf16["probe_gdkd_median"], rel=1e-3) and bf16["floor"] is None
+    bf16 = record["stages"]["grace-bf16"]
+    legs = (bf16["first_leg"]["controller"], bf16["controller"])       # far from the teacher, then close to it
+    assert [leg["tau"] for leg in legs] == [pytest.approx(r * leg["probe_gdkd_median"], rel=1e-3)
+                                            for r, leg in zip((0.7, 0.9), legs)]
+    assert all(leg["floor"] is None for leg in legs) and bf16["first_leg"]["training"]["steps"] == 4
+    assert "first leg: 4 steps" in (tmp_path / "zoo" / "grace-bf16" / "README.md").read_text()
     assert 0.1 <= controller["beta_lowest"] <= controller["beta_highest"] <= 1.0
     sweep = record["sweep"]
     assert {(r["method"], r["bits"]) for r in sweep["rows"]} == {(m, b) for m in ("ptq-rtn", "qat-ce", "qat-grace")
