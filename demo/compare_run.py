@@ -44,6 +44,7 @@ class Column:
     kv_cache_bytes: int | None = None
     peak_bytes: int | None = None      # CUDA only: peak allocated during the answer
     load_s: float | None = None
+    seen_as: str | None = None         # how the model sees the picture ("seen as 192×128, 24 visual tokens")
     error: str | None = None
     first_divergence: int | None = None   # 0-based index of the first token that differs from the reference
     share_identical: float | None = None
@@ -63,13 +64,26 @@ class Column:
                   "tokens": self.answer_tokens, "generated_tokens": len(self.token_ids), "ttft_s": self.ttft_s,
                   "tokens_per_s": self.tokens_per_s, "total_s": self.total_s, "weight_bytes": self.weight_bytes,
                   "kv_cache_bytes": self.kv_cache_bytes, "peak_bytes": self.peak_bytes, "load_s": self.load_s,
-                  "first_diverging_token": self.first_diverging_token, "share_identical": self.share_identical,
+                  "seen_as": self.seen_as, "first_diverging_token": self.first_diverging_token, "share_identical": self.share_identical,
                   "mean_token_prob": mean(self.token_probs), "error": self.error}
         if with_tokens:
             result["per_token"] = [{"position": i + 1, "id": t, "text": piece, "prob": p, "entropy": h}
                                    for i, (t, piece, p, h) in enumerate(zip(self.token_ids, self.pieces(),
                                                                             self.token_probs, self.token_entropies))]
         return result
+
+
+def describe_view(loaded, image) -> str | None:
+    """How this model sees the picture, or None when that cannot be said (no picture, a processor without a budget)."""
+    from grace import seen_as
+
+    if image is None:
+        return None
+    try:
+        return seen_as(loaded, image).describe()
+    except Exception:  # a line of the view; never worth failing the answer for
+        log.debug("could not describe how %s sees the picture", getattr(loaded, "source", "?"), exc_info=True)
+        return None
 
 
 def mean(values: list) -> float | None:
@@ -123,6 +137,7 @@ class CompareRun:
                 column.status = "answering"
                 column.tokenizer = loaded.processor.tokenizer
                 column.weight_bytes = loaded.weight_bytes
+                column.seen_as = describe_view(loaded, self.image)
                 self._bump()
                 for generation in stream(loaded, self.image, self.question, self.generation):
                     column.text, column.token_ids = generation.text, generation.token_ids

@@ -51,6 +51,8 @@ def metrics_markdown(column: Column, reference: str | None) -> str:
         memory += f" · KV cache **{human_bytes(column.kv_cache_bytes)}**"
     if column.peak_bytes is not None:
         memory += f" · GPU peak **{human_bytes(column.peak_bytes)}** (whole device, during this answer)"
+    if column.seen_as:
+        memory += f" · {column.seen_as}"
     lines = [state, f"first token **{_secs(column.ttft_s)}** · {speed} · total **{_secs(column.total_s)}** "
                     f"({column.answer_tokens} tokens)", memory]
     if column.label == reference:

@@ -9,9 +9,11 @@ import logging
 import gradio as gr
 
 import grace
+import grace.zoo
+from grace.train import PRESETS
 
 from . import charts, train_view, validate
-from .families import TRAINED_PREFIX, Registry, Variant, trained_family, training_data_files
+from .families import HUB_FAMILY, TRAINED_PREFIX, ZOO_FAMILY, Registry, Variant, trained_family, training_data_files
 from .inputs import passthrough
 from .jobs import ACTIVE, JobBusy, JobError, JobManager, TrainRequest
 from .settings import Settings
@@ -25,6 +27,11 @@ HYPER = [("lr", "Learning rate (weights)"), ("scale_lr", "Learning rate (QAT ste
          ("tau", "τ (target of the smoothed L_GDKD)"), ("eta", "η (IB controller gain)"),
          ("omega", "ω (R-CKA weight)"), ("temperature", "Distillation temperature")]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(grace.TrainConfig)}   # the one place defaults live
+PAPER_PRESET = "qwen3vl-2b-paper"
+# recipe values the form does not show but a job takes from the recipe; the job manager owns the rest
+# (where checkpoints go, how often, how many are kept)
+JOB_OWNED = {"student", "teacher", "out", "resume", "stop_after", "checkpoint_every", "checkpoint_minutes",
+             "keep_checkpoints", "num_workers", "log_every", "data", "bits", "steps", *(name for name, _ in HYPER)}
 
 
 def refuse(message: str) -> gr.Error:
@@ -47,15 +54,51 @@ class TrainTab:
                 if not name.startswith(TRAINED_PREFIX) for variant in self.registry.get(name).variants}
 
     def default_model(self, role: str) -> str | None:
-        """The zoo's teacher / student, else the first BF16 model."""
+        """The zoo recipe's teacher / student (GRACE BF16, quantized by the job), else the model labelled so, else
+        the first BF16 model."""
         choices = self.model_choices()
+        wanted = grace.zoo.train_defaults(self.settings.zoo_dir).get(role)
+        for key, variant in choices.items():
+            if wanted and key.startswith(ZOO_FAMILY) and variant.source == wanted:
+                return key
         for key, variant in choices.items():
             if variant.label.startswith(role):
                 return key
         return next((k for k, v in choices.items() if v.kind == "bf16"), next(iter(choices), None))
 
     def data_choices(self) -> list[tuple[str, str]]:
-        return [("shapes (synthetic, built in)", "shapes")] + [(f.name, str(f)) for f in self.data_files]
+        return ([("shapes v2 (varied sizes, built in)", "shapes-v2"), ("shapes v1 (64×64, built in)", "shapes")]
+                + [(f.name, str(f)) for f in self.data_files])
+
+    def recipe(self, student: str | None) -> tuple[str, dict]:
+        """(what it is, TrainConfig values) a job with this student starts from: the zoo's own GRACE W4 run for a
+        zoo model, the authors' preset for the Qwen3-VL-2B releases, grace.TrainConfig's defaults otherwise."""
+        family = (student or "").split(SEP)[0]
+        if family == ZOO_FAMILY:
+            values = grace.zoo.train_defaults(self.settings.zoo_dir)
+            if values:
+                return ("the zoo's GRACE W4 run (the authors' recipe scaled to these tiny models; "
+                        "assets/zoo/zoo.json)", values)
+        if family == HUB_FAMILY:
+            return (f"preset {PAPER_PRESET}: the authors' Qwen3-VL-2B GRACE recipe "
+                    f"(python -m grace train --preset {PAPER_PRESET} --help)", dict(PRESETS[PAPER_PRESET]["values"]))
+        return "grace.TrainConfig's defaults", {}
+
+    def form_defaults(self, student: str | None) -> dict:
+        """What the form shows for this student: bits, data, steps and the hyper-parameters of its recipe."""
+        values = {**DEFAULTS, "steps": 200, "data": "shapes-v2", **self.recipe(student)[1]}
+        bits = {v: k for k, v in BITS.items()}.get(values.get("bits"), "W4")
+        data = values["data"] if values["data"] in [v for _, v in self.data_choices()] else "shapes-v2"
+        return {"bits": bits, "data": data, "steps": min(int(values["steps"]), self.settings.train_max_steps),
+                **{name: values[name] for name, _ in HYPER}}
+
+    def recipe_note(self, student: str | None) -> str:
+        return f"<small>Recipe: {self.recipe(student)[0]}.</small>"
+
+    def on_student(self, student):
+        """The student changed: show its recipe's values."""
+        d = self.form_defaults(student)
+        return [d["bits"], d["data"], d["steps"], *(d[name] for name, _ in HYPER), self.recipe_note(student)]
 
     def variant_for(self, source: str | None, role: str) -> Variant | None:
         if not source:
@@ -81,17 +124,19 @@ class TrainTab:
         if bits not in BITS:
             problems.append(f"bits must be one of {', '.join(BITS)}")
         if data not in [value for _, value in self.data_choices()]:
-            problems.append("data must be 'shapes' or one of the JSON files the operator allowed")
+            problems.append("data must be 'shapes-v2', 'shapes' or one of the JSON files the operator allowed")
         numbers, problem = validate.training_numbers(steps, lr, scale_lr, tau, eta, omega, temperature,
                                                      self.settings.train_max_steps)
         problems += [problem] if problem else []
         if problems:
             raise refuse("Cannot start training: " + "; ".join(problems) + ".")
-        options = {"teacher": models[teacher].source, "student": models[student].source, "bits": BITS[bits],
-                   "data": data, **{name.replace("_", "-"): value for name, value in numbers.items()}}
+        recipe = {k: v for k, v in self.recipe(student)[1].items() if k not in JOB_OWNED and v is not None}
+        given = {"teacher": models[teacher].source, "student": models[student].source, "bits": BITS[bits],
+                 "data": data, **numbers}
+        options = {name.replace("_", "-"): value for name, value in {**recipe, **given}.items()}
         label = "bf16" if BITS[bits] == 16 else f"w{BITS[bits]}"
         describe = {"teacher": models[teacher].label, "student": models[student].label, "bits": BITS[bits],
-                    "steps": numbers["steps"], "data": "shapes" if data == "shapes" else data.split("/")[-1]}
+                    "steps": numbers["steps"], "data": data if data.startswith("shapes") else data.split("/")[-1]}
         return self._launch(TrainRequest(options, label, describe))
 
     def _launch(self, request: TrainRequest, resume: str | None = None) -> dict:
@@ -212,12 +257,15 @@ class TrainTab:
                                       elem_id="train-teacher")
                 student = gr.Dropdown(models, value=self.default_model("student"), label="Student",
                                       elem_id="train-student")
-                bits = gr.Radio(list(BITS), value="W4", label="Student weights")
-                data = gr.Dropdown(self.data_choices(), value="shapes", label="Training data")
-                steps = passthrough(gr.Number(200, precision=0, minimum=1, maximum=settings.train_max_steps,
+                first = self.form_defaults(student.value)
+                bits = gr.Radio(list(BITS), value=first["bits"], label="Student weights")
+                data = gr.Dropdown(self.data_choices(), value=first["data"], label="Training data")
+                steps = passthrough(gr.Number(first["steps"], precision=0, minimum=1, maximum=settings.train_max_steps,
                                               label="Steps", elem_id="train-steps"))
-                with gr.Accordion("Hyper-parameters (defaults: grace.TrainConfig)", open=False):
-                    hyper = [passthrough(gr.Number(DEFAULTS[name], label=label)) for name, label in HYPER]
+                recipe = gr.Markdown(self.recipe_note(student.value), elem_id="train-recipe")
+                with gr.Accordion("Hyper-parameters (the student's recipe; the rest of it travels with the job)",
+                                  open=False):
+                    hyper = [passthrough(gr.Number(first[name], label=label)) for name, label in HYPER]
                 with gr.Row():
                     start = gr.Button("Start", variant="primary", elem_id="train-start", interactive=control)
                     stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="train-stop")
@@ -254,6 +302,7 @@ class TrainTab:
 
         refresh = dict(fn=self.redraw, inputs=[drawn, smoothing, log_y], outputs=panel, api_visibility="private",
                        show_progress="hidden", concurrency_limit=None)
+        student.change(self.on_student, student, [bits, data, steps, *hyper, recipe], api_visibility="private")
         timer.tick(**refresh)
         smoothing.release(**refresh)
         log_y.change(**refresh)

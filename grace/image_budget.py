@@ -67,10 +67,28 @@ def resized_size(width: int, height: int, processor) -> tuple[int, int]:
     return w, h
 
 
+def _fixed_square(processor) -> tuple[int, int] | None:
+    """(side, patch) of a processor that makes every picture one fixed square (LLaVA-1.5's CLIP crop), else None."""
+    image_processor = getattr(processor, "image_processor", processor)
+    if getattr(image_processor, "merge_size", None) is not None:
+        return None                                            # Qwen-VL: a pixel budget, not a fixed size
+    crop = getattr(image_processor, "crop_size", None)
+    side = crop if isinstance(crop, int) else (crop.get("height") if isinstance(crop, dict) else
+                                               getattr(crop, "height", None))    # a dict or transformers' SizeDict
+    patch = getattr(processor, "patch_size", None)
+    return (int(side), int(patch)) if side and patch else None
+
+
 def seen_as(model_or_processor, image: Image.Image) -> ImageView:
     """How a loaded model (grace.load's LoadedModel) or a processor sees `image`: after fit_picture and the
-    processor's resize, its size and the number of visual tokens."""
+    processor's resize, its size and the number of visual tokens. LLaVA-1.5 pads every picture to a square and
+    resizes it to its CLIP crop (336x336, 576 tokens of 14 px)."""
     processor = getattr(model_or_processor, "processor", model_or_processor)
+    square = _fixed_square(processor)
+    if square is not None:
+        side, patch = square
+        tokens = (side // patch) ** 2
+        return ImageView(side, side, tokens, tokens, image.size, side * side, side * side)
     fitted = fit_picture(image)
     low, high, patch, merge = pixel_budget(processor)
     width, height = resized_size(*fitted.size, processor)

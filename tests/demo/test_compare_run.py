@@ -49,6 +49,9 @@ def test_views_say_what_they_show(finished):
     assert compare_view.confidence_html(w4)
     metrics = compare_view.metrics_markdown(w4, "BF16")
     assert "KV cache" in metrics and "GPU peak" not in metrics          # a CPU run has no GPU figure
+    import grace
+    seen = grace.seen_as(grace.load(w4.source), finished.image).describe()      # the fixture's own budget
+    assert w4.seen_as == seen and seen in metrics and finished.result()["columns"][0]["seen_as"] == seen
     few = type(w4)(**{**w4.__dict__, "token_ids": w4.token_ids[:3], "tokens_per_s": None})
     assert "needs ≥ 8 tokens" in compare_view.metrics_markdown(few, "BF16")
     assert "positions count from 1" in compare_view.LEGEND

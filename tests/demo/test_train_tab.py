@@ -75,3 +75,34 @@ def test_a_stopped_run_is_exported_then_compared_with_its_student(tmp_path, fixt
     assert labels[0].startswith("teacher: ") and labels[1].startswith("student before distillation: ")
     assert family.variants[1].source == models[student].source and labels[2] == "trained W8G128 (QAT release)"
     assert family.variants[2].kind == "int8"
+
+
+def test_the_zoo_job_starts_from_the_zoos_recipe_and_the_2b_from_the_papers(tmp_path, fixtures_dir, monkeypatch):
+    from demo.families import HUB_FAMILY
+    from demo.train_tab import PAPER_PRESET, SEP
+    from grace.train import PRESETS
+    from grace.zoo import DEFAULT_OUT, train_defaults
+
+    settings = Settings.from_env({"GRACE_FIXTURES": str(fixtures_dir), "GRACE_ZOO": str(DEFAULT_OUT), "GRACE_HUB": "off",
+                                  "GRACE_TRAIN": "1", "GRACE_RUNS_DIR": str(tmp_path / "runs")})
+    control = TrainTab(settings, build_registry(settings), JobManager(settings.runs_dir, command=[sys.executable, "-c", ""]))
+    zoo = train_defaults(DEFAULT_OUT)
+    student, teacher = control.default_model("student"), control.default_model("teacher")
+    models = control.model_choices()
+    assert models[student].source == zoo["student"] and models[teacher].source == zoo["teacher"]
+    shown = control.form_defaults(student)
+    assert shown["data"] == "shapes-v2" and shown["bits"] == "W4" and shown["tau"] == zoo["tau"] and shown["lr"] == zoo["lr"]
+    started = []
+    monkeypatch.setattr(control.manager, "start", lambda request, resume=None: started.append(request))
+    monkeypatch.setattr(control.manager, "poll", lambda: {"state": "starting"})
+    control.start(teacher, student, shown["bits"], 30, *(shown[name] for name, _ in HYPER), shown["data"])
+    argv = started[0].argv()
+    options = dict(zip(argv[::2], argv[1::2]))
+    # the form's values, and the recipe's settings the form does not show
+    assert options["--steps"] == "30" and options["--data"] == "shapes-v2" and options["--bits"] == "4"
+    assert options["--beta-min"] == str(zoo["beta_min"]) and options["--controller-update"] == "last_micro_batch"
+    assert options["--min-pixels"] == str(zoo["min_pixels"]) and options["--train-merger"] == "True"
+    assert "--checkpoint-every" not in options and "--out" not in options        # the job manager's own
+    paper = control.form_defaults(f"{HUB_FAMILY}{SEP}GRACE BF16")
+    assert paper["lr"] == PRESETS[PAPER_PRESET]["values"]["lr"] == 1e-5 and paper["tau"] == 3.0
+    assert PAPER_PRESET in control.recipe_note(f"{HUB_FAMILY}{SEP}GRACE BF16")

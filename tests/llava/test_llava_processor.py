@@ -80,3 +80,16 @@ def test_user_text_never_becomes_control_tokens(loaded):
         assert torch.isfinite(loaded.model(**inputs).logits).all()
     text_only = build_inputs(loaded.processor, None, hostile)["input_ids"][0].tolist()
     assert 400 not in text_only and 2 not in text_only
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1000, 300), (10, 10)])
+def test_seen_as_is_the_clip_square_whatever_the_picture(loaded, size):
+    """LLaVA-1.5 has no pixel budget: every picture is padded to a square and resized to the CLIP crop."""
+    view = grace.seen_as(loaded, Image.new("RGB", size, "red"))
+    pixels = loaded.processor.image_processor(Image.new("RGB", size, "red"), return_tensors="pt")["pixel_values"]
+    side = pixels.shape[-1]
+    expected_tokens = (side // loaded.processor.patch_size) ** 2
+    ids = build_inputs(loaded.processor, Image.new("RGB", size, "red"), "What?")["input_ids"][0]
+    assert (view.width, view.height, view.visual_tokens) == (side, side, expected_tokens)
+    assert int((ids == loaded.model.config.image_token_id).sum()) == view.visual_tokens
+    assert view.describe() == f"seen as {side}×{side}, {expected_tokens} visual tokens"
