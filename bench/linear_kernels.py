@@ -139,7 +139,7 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
     m4 = quantized(linear, U.bench_config(4))
     q_row = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     s_row = torch.rand(n, dtype=torch.bfloat16) * 0.001
-    torch_int4 = (torch._convert_weight_to_int4pack_for_cpu(m4.codes().to(torch.int32), 2), m4.scales_and_zeros)
+    torch_int4 = (torch._convert_weight_to_int4pack_for_cpu(m4.codes().to(torch.int32), 2), m4.scales_zeros().contiguous())
     bytes_of = {"bf16": 2 * n * k, "int8": n * k + 2 * g * n, "int4": n * k // 2 + 4 * g * n,
                 "torch_int8_row": n * k + 2 * n, "torch_int4": n * k // 2 + 4 * g * n}
     pool = {"bf16": [linear.weight] + [linear.weight.clone() for _ in range(copies_for(bytes_of["bf16"]) - 1)]}

@@ -120,7 +120,7 @@ def save_packed(model: nn.Module, processor, out_dir) -> Path:
             tensors.update(_awq_tensors(name, module))
         else:
             tensors[name + ".qweight"] = module.codes().cpu().contiguous()
-            tensors[name + ".scales"] = module.scales.detach().cpu().float().t().contiguous()
+            tensors[name + ".scales"] = module.group_scales().detach().cpu().float().t().contiguous()
     if int4:
         config = _config_dict(model, {"awq_packing": {"bits": 4, "group_size": group, "zero_point": 8, "version": "gemm"}})
         spec = {AWQ_MODULES_FILE: {"bits": 4, "group_size": group, "modules": list(quantized)}}
@@ -133,7 +133,7 @@ def save_packed(model: nn.Module, processor, out_dir) -> Path:
 
 def _awq_tensors(name: str, module: Int4Linear) -> dict[str, torch.Tensor]:
     """AutoAWQ `WQLinear_GEMM.from_linear` tensors: qweight [in, out/8], qzeros [in/g, out/8], scales fp16 [in/g, out]."""
-    sz = module.scales_and_zeros.detach().cpu().float()           # [in/g, out, 2]
+    sz = module.scales_zeros().detach().cpu().float()             # [in/g, out, 2]
     scales, offset = sz[..., 0], sz[..., 1]
     zeros = zero_points_from_offsets(scales, offset, 4)            # offset = (8 - zp) * s
     codes = module.codes().cpu()                                   # [out, in] in [0, 15]

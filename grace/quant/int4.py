@@ -7,21 +7,20 @@ offset z per group of `group_size` input columns, in tinygemm's convention:
 
 An AWQ/integer zero point zp maps onto it exactly as z = (8 - zp) * s.
 
-Storage follows the device: on CUDA the layout of `_convert_weight_to_int4pack` (run by
-`_weight_int4pack_mm`); on CPU, for bf16 modules where grace's own kernels run (quant/kernels.py),
-the plain nibble layout they read (GEMV for a few rows, dequantize + bf16 GEMM above
-`KERNEL_MAX_ROWS`), otherwise the layout of `_convert_weight_to_int4pack_for_cpu` (run by
-`_weight_int4pack_mm_for_cpu`); shapes no kernel takes keep the plain layout and run through
-`dequantize()`, which is also the reference every kernel is tested against. All hold half a byte
-per weight. The layout is checked against the tensors' device at every forward and repacked once
-if they were moved without `Module.to()` (ZeroGPU moves tensors that way).
+Storage follows the device and dtype (`layout_for`): on CUDA the layout of `_convert_weight_to_int4pack`
+(run by `_weight_int4pack_mm`); on CPU, for bf16 modules where grace's own kernels run (quant/kernels.py),
+"tiled": codes [out/8, in/128, 8, 64 bytes] (two per byte, low nibble = even column) and scales/zeros
+[out/8, in/group, 8, 2], so the weights of 8 output rows are one contiguous stream (a GEMV for a few rows,
+dequantize + bf16 GEMM above `KERNEL_MAX_ROWS`); otherwise on CPU the layout of
+`_convert_weight_to_int4pack_for_cpu` (run by `_weight_int4pack_mm_for_cpu`); shapes no kernel takes keep
+the "plain" layout (codes [out, in/2], scales/zeros [in/group, out, 2]) and run through `dequantize()`,
+which is also the reference every kernel is tested against. All hold half a byte per weight.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +30,12 @@ from .qlinear import QuantizedLinear
 from . import kernels
 
 CUDA_INNER_K_TILES = 8
+TILE = 8
 # fp32 activations make the CPU int4 kernel slow for many rows (it is tuned for bf16);
 # above this many rows an fp32 forward dequantizes instead (see bench/linear_kernels.py).
 FP32_KERNEL_MAX_ROWS = 4
 # up to this many rows grace's int4 GEMV beats dequantize + bf16 GEMM (bench/linear_kernels.py: crossovers in the quiet rows of the sweep)
 KERNEL_MAX_ROWS = 16
-_REPACK_LOCK = threading.Lock()
-
-
 def _nibbles_to_codes(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [n, k/2] (low nibble = even column) -> uint8 [n, k]."""
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
@@ -64,12 +61,12 @@ def _cpu_layout_permutation(n: int, k: int) -> torch.Tensor:
 
 
 def layout_for(device: torch.device, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
-    """The storage layout of an [n, k] weight whose tensors live on `device`."""
+    """The storage layout of an [n, k] weight whose tensors live on `device` with scales in `dtype`."""
     if device.type == "cuda" and n % 8 == 0 and k % (CUDA_INNER_K_TILES * 16) == 0:
         return "cuda"
-    if (device.type == "cpu" and dtype == torch.bfloat16 and group_size % 128 == 0 and kernels.worth_it(n, k)
-            and kernels.available()):
-        return "plain"                                          # grace's CPU kernels read nibbles as they are
+    if (device.type == "cpu" and dtype == torch.bfloat16 and group_size % 128 == 0 and n % TILE == 0
+            and kernels.worth_it(n, k) and kernels.available()):
+        return "tiled"                                          # grace's CPU kernels
     if device.type == "cpu" and n % 16 == 0 and k % 2 == 0:
         return "cpu"
     return "plain"
@@ -83,7 +80,11 @@ def _pack(layout: str, codes: torch.Tensor) -> torch.Tensor:
         codes = codes.to(torch.uint8)
         high_first = (codes[:, 0::2] << 4) | codes[:, 1::2]   # the CUDA packer wants the even column high
         return torch._convert_weight_to_int4pack(high_first, CUDA_INNER_K_TILES)
-    return _codes_to_nibbles(codes)
+    nibbles = _codes_to_nibbles(codes)
+    if layout == "tiled":
+        n, k = codes.shape
+        return nibbles.reshape(n // TILE, TILE, k // 128, 64).transpose(1, 2).contiguous()
+    return nibbles
 
 
 class Int4Linear(QuantizedLinear):
@@ -95,12 +96,31 @@ class Int4Linear(QuantizedLinear):
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
         super().__init__(in_features, out_features, bias, group_size, dtype, device)
         device = torch.device(device or "cpu")
-        codes = torch.full((out_features, in_features), 8, dtype=torch.uint8, device=device)
-        self.layout = layout_for(device, out_features, in_features, group_size, dtype)
-        self._packed_for = (device, dtype)
-        self.register_buffer("weight_packed", _pack(self.layout, codes))
-        self.register_buffer("scales_and_zeros",
-                             torch.zeros(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+        self.register_buffer("weight_packed", torch.zeros(0, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.zeros(0, dtype=dtype, device=device))
+        self._store(torch.full((out_features, in_features), 8, dtype=torch.uint8, device=device),
+                    torch.zeros(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+
+    # -- layouts ----------------------------------------------------------------------------------
+    def layout_for(self, device: torch.device, dtype: torch.dtype) -> str:
+        return layout_for(device, self.out_features, self.in_features, self.group_size, dtype)
+
+    def _store(self, codes: torch.Tensor, params: torch.Tensor) -> None:
+        """codes uint8 [out, in] in [0, 15], params = scales_and_zeros [in/group, out, 2]."""
+        layout = self.layout_for(codes.device, params.dtype)
+        self.weight_packed = _pack(layout, codes)
+        if layout == "tiled":
+            g, n = params.shape[:2]
+            params = params.reshape(g, n // TILE, TILE, 2).transpose(0, 1)
+        self.scales_and_zeros = params.contiguous()
+        self.layout = layout
+        self._stored_for = (codes.device, params.dtype)
+
+    def _plain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codes(), self.scales_zeros()
+
+    def _tensors_now(self) -> tuple:
+        return self.weight_packed.device, self.scales_and_zeros.dtype
 
     # -- construction -----------------------------------------------------------------------
     def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> "Int4Linear":
@@ -108,19 +128,12 @@ class Int4Linear(QuantizedLinear):
         zero points (W = (q - zero) * scale), default 8: a symmetric grid stored as q + 8.
         Computed in fp32, stored in the module's dtype."""
         self._check_codes(codes, 0, 15, scales=scales, zeros=zeros)
-        device = self.scales_and_zeros.device
+        device = self.weight_packed.device
         scales = scales.to(device, torch.float32)
         offset = (8 - zeros.to(device, torch.float32)) * scales if zeros is not None else torch.zeros_like(scales)
-        self.scales_and_zeros = torch.stack((scales, offset), dim=-1).transpose(0, 1).contiguous().to(self.scales_and_zeros.dtype)
-        self._pack_codes(codes.to(device))
+        params = torch.stack((scales, offset), dim=-1).transpose(0, 1).to(self.scales_and_zeros.dtype)
+        self._store(codes.to(device, torch.uint8), params)
         return self
-
-    def _pack_codes(self, codes: torch.Tensor) -> None:
-        """Store codes (on the device they should live on) in that device's layout."""
-        layout = layout_for(codes.device, self.out_features, self.in_features, self.group_size, self.scales_and_zeros.dtype)
-        packed = _pack(layout, codes)
-        self.weight_packed, self.layout = packed, layout
-        self._packed_for = (codes.device, self.scales_and_zeros.dtype)   # device and dtype the layout was chosen for
 
     # -- reading back ---------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -128,6 +141,8 @@ class Int4Linear(QuantizedLinear):
         n, k = self.out_features, self.in_features
         if self.layout == "plain":
             return _nibbles_to_codes(self.weight_packed)
+        if self.layout == "tiled":
+            return _nibbles_to_codes(self.weight_packed.transpose(1, 2).reshape(n, k // 2))
         if self.layout == "cpu":
             flat = torch.empty(n * k, dtype=torch.uint8)
             flat[_cpu_layout_permutation(n, k)] = _nibbles_to_codes(self.weight_packed.cpu()).reshape(-1)
@@ -141,9 +156,16 @@ class Int4Linear(QuantizedLinear):
         q = torch._weight_int4pack_mm(eye, packed, self.group_size, unit)
         return (q.t().float().round() + 8).to(torch.uint8).to(self.weight_packed.device)
 
+    def scales_zeros(self) -> torch.Tensor:
+        """Scales and float zero offsets [in/group, out, 2] in the module's dtype, whatever the layout."""
+        sz = self.scales_and_zeros
+        if self.layout == "tiled":
+            return sz.transpose(0, 1).reshape(self.groups, self.out_features, 2)
+        return sz
+
     def dequantize(self) -> torch.Tensor:
         """Reference weight [out, in] in the module's dtype (computed in fp32)."""
-        sz = self.scales_and_zeros.float()
+        sz = self.scales_zeros().float()
         scale = sz[..., 0].t().repeat_interleave(self.group_size, dim=1)
         offset = sz[..., 1].t().repeat_interleave(self.group_size, dim=1)
         w = (self.codes().to(sz.device).float() - 8) * scale + offset
@@ -151,20 +173,18 @@ class Int4Linear(QuantizedLinear):
 
     # -- compute ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._restore_if_moved()
         sz, packed, gs = self.scales_and_zeros, self.weight_packed, self.group_size
-        if (packed.device, sz.dtype) != self._packed_for:      # tensors moved behind our back (ZeroGPU)
-            self._repack_if_moved()
-            sz, packed = self.scales_and_zeros, self.weight_packed
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(sz.dtype)
         rows = x2.shape[0]
-        if (self.layout == "plain" and sz.dtype == torch.bfloat16 and gs % 128 == 0
-                and kernels.worth_it(self.out_features, self.in_features) and kernels.usable(x2, packed)):
+        if self.layout == "tiled" and kernels.usable(x2):
+            n = self.out_features
             if rows <= KERNEL_MAX_ROWS:
-                y = kernels.linear_int4(x2, packed, sz, gs)
+                y = kernels.linear_int4(x2, packed, sz, gs, n)
             else:
-                y = kernels.dequantized_linear(x2, lambda start, n, out: kernels.dequant_int4(packed, sz, gs, start, n, out),
-                                               self.out_features, self.in_features)
+                y = kernels.dequantized_linear(x2, lambda start, r, out: kernels.dequant_int4(packed, sz, gs, n, start, r, out),
+                                               n, self.in_features)
         elif self.layout == "cpu" and (sz.dtype != torch.float32 or rows <= FP32_KERNEL_MAX_ROWS):
             y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, gs, sz)
         elif self.layout == "cuda":
@@ -174,29 +194,6 @@ class Int4Linear(QuantizedLinear):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)
-
-    def _repack_if_moved(self) -> None:
-        """The bytes are in the layout of the device (and dtype) they were packed for, `_packed_for`; once
-        their tensors sit elsewhere, decode them in that layout and repack for where they are, once."""
-        with _REPACK_LOCK:                                     # one thread repacks, the others see the result
-            here = (self.weight_packed.device, self.scales_and_zeros.dtype)
-            if here == self._packed_for:
-                return
-            wanted = layout_for(here[0], self.out_features, self.in_features, self.group_size, here[1])
-            if wanted != self.layout:
-                self._pack_codes(self.codes())
-            self._packed_for = here
-
-    # -- device moves repack for the new device's kernel --------------------------------------------
-    def _apply(self, fn, recurse=True):
-        before = self.weight_packed.device
-        after = fn(torch.empty(0, device=before)).device
-        if after == before:
-            return super()._apply(fn, recurse)
-        codes = self.codes()
-        super()._apply(fn, recurse)
-        self._pack_codes(codes.to(after))
-        return self
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layout={self.layout}"

@@ -4,7 +4,9 @@ At M = 1 torch's bf16 `F.linear` goes through oneDNN, which moves weights at wel
 machine's read bandwidth, and torch has no group-wise int8 kernel at all. The kernels here
 (kernels_src.py: AVX-512 with BF16 dot products, OpenMP on torch's own thread pool) read each weight
 byte once, accumulate in fp32 and apply the group scales exactly as the modules' `dequantize()`
-defines them. They also dequantize into a bf16 buffer, bit-identical to `dequantize()`, for the
+defines them. The quantized weights are held in tiles of 8 output rows that are one contiguous
+stream in memory (Int8Linear / Int4Linear layout "tiled"): read row by row, 8 rows were 8 streams
+and the GEMVs moved under half the read bandwidth; tiled, they move about twice as much. They also dequantize into a bf16 buffer, bit-identical to `dequantize()`, for the
 many-row case where the bf16 GEMM is the fastest path.
 
 The library is compiled at first use with the system C compiler (`cc -O3 -march=native -fopenmp`,
@@ -97,7 +99,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 1:
+    if lib.grace_kernels_version() != 2:
         return None
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T]
@@ -132,7 +134,7 @@ def worth_it(out_features: int, in_features: int) -> bool:
 def usable(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """The kernels take CPU bf16 activations, no autograd, and run only when the library loaded."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and all(t.device.type == "cpu" for t in tensors)
-            and not (torch.is_grad_enabled() and x.requires_grad) and available())
+            and not (torch.is_grad_enabled() and x.requires_grad) and (_LIB is not None if _TRIED else available()))
 
 
 def _threads() -> int:
@@ -150,23 +152,23 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x @ W.T for W[n, k] = q[g, n, k % gs] * s[g, n]: qweight int8 [G, N, gs], scales bf16 [G, N]; gs a multiple of 64."""
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, n: int) -> torch.Tensor:
+    """x @ W.T for the tiled int8 layout (quant/int8.py): qweight int8 [N/8, G, 8, gs], scales bf16 [N/8, G, 8],
+    W[n, k] = q * s; gs a multiple of 64."""
     x = x.contiguous()
     m, k = x.shape
-    n = qweight.shape[1]
     y = torch.empty(m, n, dtype=torch.float32)
     library().grace_gemv_int8(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, group_size,
                               _threads())
     return y
 
 
-def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x @ W.T for W[n, k] = (c - 8) * sz[g, n, 0] + sz[g, n, 1]: packed uint8 [N, K/2] (low nibble = even k),
-    scales_and_zeros bf16 [G, N, 2]; group_size a multiple of 128."""
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                n: int) -> torch.Tensor:
+    """x @ W.T for the tiled int4 layout (quant/int4.py): packed uint8 [N/8, K/128, 8, 64], scales_and_zeros
+    bf16 [N/8, G, 8, 2], W[n, k] = (c - 8) * s + z; group_size a multiple of 128."""
     x = x.contiguous()
     m, k = x.shape
-    n = packed.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     library().grace_gemv_int4(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), m, n, k,
                               group_size, _threads())
@@ -183,24 +185,26 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
-def dequant_int8(qweight, scales, group_size: int, start: int, rows: int, out: torch.Tensor) -> torch.Tensor:
-    groups, n, _ = qweight.shape
-    library().grace_dequant_int8(qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), n, groups * group_size,
-                                 group_size, start, rows, _threads())
+def dequant_int8(qweight, scales, group_size: int, n: int, start: int, rows: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows start .. start+rows-1 of the tiled int8 weight, in bf16, into `out` [rows, K]."""
+    k = qweight.shape[1] * group_size
+    library().grace_dequant_int8(qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, group_size, start, rows,
+                                 _threads())
     return out
 
 
-def dequant_int4(packed, scales_and_zeros, group_size: int, start: int, rows: int, out: torch.Tensor) -> torch.Tensor:
-    n, half = packed.shape
-    library().grace_dequant_int4(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n, 2 * half,
-                                 group_size, start, rows, _threads())
+def dequant_int4(packed, scales_and_zeros, group_size: int, n: int, start: int, rows: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows start .. start+rows-1 of the tiled int4 weight, in bf16, into `out` [rows, K]."""
+    k = packed.shape[1] * 128
+    library().grace_dequant_int4(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n, k, group_size,
+                                 start, rows, _threads())
     return out
 
 
 def dequantized_linear(x: torch.Tensor, dequant, out_features: int, in_features: int) -> torch.Tensor:
     """F.linear(x, W) with W dequantized by `dequant(start, rows, out)` into this thread's reused buffer,
     in row chunks of at most SCRATCH_ELEMENTS weights."""
-    step = max(1, SCRATCH_ELEMENTS // in_features)
+    step = max(8, SCRATCH_ELEMENTS // in_features // 8 * 8)      # whole tiles of 8 rows
     parts = []
     for start in range(0, out_features, step):
         rows = min(step, out_features - start)

@@ -14,7 +14,7 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 1; }
+int grace_kernels_version(void) { return 2; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
 
@@ -25,14 +25,21 @@ static inline void store_bf16_x32(uint16_t *o, __m512 lo, __m512 hi) {
     _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 
+// Tiled layouts (see quant/int8.py and quant/int4.py): the weights of 8 output rows are one contiguous
+// stream, so the GEMVs read DRAM sequentially (row-major storage made every row of a tile its own stream,
+// and reached under half the bandwidth); the scales of a tile are contiguous too.
+//   int8: q [N/8][G][8][gs] int8, s [N/8][G][8] bf16          W[n, k] = q * s
+//   int4: p [N/8][K/128][8][64] bytes (nibble t of 16-bit lane j of a row's 64 bytes = column 4j + t of that
+//         128-column chunk), sz [N/8][G][8][2] bf16          W[n, k] = (c - 8) * s + z
 void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t N, int64_t K, int64_t gs,
                         int64_t n0, int64_t rows, int nt) {
     int64_t G = K / gs;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t n = n0; n < n0 + rows; n++)
         for (int64_t g = 0; g < G; g++) {
-            __m512 sv = _mm512_set1_ps(bf16_to_f(s[g * N + n]));
-            const int8_t *qg = q + (g * N + n) * gs;
+            int64_t tile = ((n / 8) * G + g) * 8 + n % 8;
+            __m512 sv = _mm512_set1_ps(bf16_to_f(s[tile]));
+            const int8_t *qg = q + tile * gs;
             uint16_t *o = out + (n - n0) * K + g * gs;
             for (int64_t j = 0; j < gs; j += 32) {
                 __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j))));
@@ -44,7 +51,7 @@ void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64
 
 void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t N, int64_t K, int64_t gs,
                         int64_t n0, int64_t rows, int nt) {
-    int64_t G = K / gs;
+    int64_t G = K / gs, C = K / 128;
     const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
     // 8 bytes hold columns 16c .. 16c+15: even columns in the low nibbles, odd ones in the high nibbles
     const __m512i even = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
@@ -52,13 +59,15 @@ void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t n = n0; n < n0 + rows; n++)
         for (int64_t g = 0; g < G; g++) {
-            __m512 sv = _mm512_set1_ps(bf16_to_f(sz[(g * N + n) * 2])), zv = _mm512_set1_ps(bf16_to_f(sz[(g * N + n) * 2 + 1]));
-            const uint8_t *pg = p + n * (K / 2) + g * gs / 2;
+            const uint16_t *sg = sz + (((n / 8) * G + g) * 8 + n % 8) * 2;
+            __m512 sv = _mm512_set1_ps(bf16_to_f(sg[0])), zv = _mm512_set1_ps(bf16_to_f(sg[1]));
             uint16_t *o = out + (n - n0) * K + g * gs;
             for (int64_t j = 0; j < gs; j += 32) {
+                int64_t col = g * gs + j;
+                const uint8_t *pc = p + (((n / 8) * C + col / 128) * 8 + n % 8) * 64 + (col % 128) / 2;
                 __m512 w[2];
                 for (int h = 0; h < 2; h++) {
-                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pg + (j + 16 * h) / 2)));
+                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pc + 8 * h)));
                     __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(even, bytes), shift), low);
                     // (c - 8) * s is exact, so mul + add rounds once, like fp32 torch (and like an fma)
                     w[h] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, eight)), sv), zv);
@@ -102,103 +111,98 @@ void grace_gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t M, 
     }
 }
 
-// ---- int8 groups: W[n, k] = q[g, n, k % gs] * s[g, n], g = k / gs, q stored [G, N, gs] --------------
-// Group-outer within a chunk of rows, so the weights stream through q[g] block by block; the running
-// sums per row live in a small fp32 buffer part[MM][chunk][16] (L1/L2).
-#define I8_CHUNK 256
-ALWAYS void int8_chunk(const uint16_t *x, const int8_t *q, const uint16_t *s, float *y, int64_t N, int64_t K, int64_t gs,
-                       int64_t n0, int64_t rows, int64_t m0, const int MM, float *part) {
+// ---- int8 tiles: per tile, group and row, the codes (exact in bf16) are converted 32 at a time and met with
+// one bf16 dot product per activation row; each group's sum is scaled in fp32. MM activation rows per pass.
+#define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
+ALWAYS void int8_tile(const uint16_t *x, const int8_t *q, const uint16_t *s, float *y, int64_t N, int64_t K,
+                      int64_t gs, int64_t b, int64_t m0, const int MM) {
+    __m512 tot[4][8];       // registers at MM = 1; more rows spill to L1, which their reuse of the codes repays
+    for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) tot[i][r] = _mm512_setzero_ps();
     int64_t G = K / gs;
-    memset(part, 0, sizeof(float) * 16 * MM * I8_CHUNK);
     for (int64_t g = 0; g < G; g++) {
-        const uint16_t *xg = x + m0 * K + g * gs;
-        for (int64_t r = 0; r < rows; r++) {
-            const int8_t *qr = q + (g * N + n0 + r) * gs;
+        const int8_t *blk = q + (b * G + g) * 8 * gs;
+        for (int64_t o = 0; o < 8 * gs; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 8 * gs + o), _MM_HINT_T0);
+        const uint16_t *sg = s + (b * G + g) * 8;
+        for (int r = 0; r < 8; r++) {
+            const int8_t *qr = blk + r * gs;
             __m512 a[4][2];
             for (int i = 0; i < MM; i++) { a[i][0] = _mm512_setzero_ps(); a[i][1] = _mm512_setzero_ps(); }
-#pragma GCC unroll 4
             for (int64_t j = 0; j < gs; j += 64) {
-                // int8 codes are exact in bf16: convert 32 at a time, then one bf16 dot product per row
                 __m512 c0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j))));
                 __m512 c1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j + 16))));
                 __m512 c2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j + 32))));
                 __m512 c3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j + 48))));
                 __m512bh w0 = _mm512_cvtne2ps_pbh(c1, c0), w1 = _mm512_cvtne2ps_pbh(c3, c2);
                 for (int i = 0; i < MM; i++) {
-                    a[i][0] = _mm512_dpbf16_ps(a[i][0], (__m512bh)_mm512_loadu_si512(xg + i * K + j), w0);
-                    a[i][1] = _mm512_dpbf16_ps(a[i][1], (__m512bh)_mm512_loadu_si512(xg + i * K + j + 32), w1);
+                    const uint16_t *xg = x + (m0 + i) * K + g * gs + j;
+                    a[i][0] = _mm512_dpbf16_ps(a[i][0], (__m512bh)_mm512_loadu_si512(xg), w0);
+                    a[i][1] = _mm512_dpbf16_ps(a[i][1], (__m512bh)_mm512_loadu_si512(xg + 32), w1);
                 }
             }
-            __m512 sv = _mm512_set1_ps(bf16_to_f(s[g * N + n0 + r]));
-            for (int i = 0; i < MM; i++) {
-                float *pp = part + (i * I8_CHUNK + r) * 16;
-                _mm512_storeu_ps(pp, _mm512_fmadd_ps(_mm512_add_ps(a[i][0], a[i][1]), sv, _mm512_loadu_ps(pp)));
-            }
+            __m512 sv = _mm512_set1_ps(bf16_to_f(sg[r]));
+            for (int i = 0; i < MM; i++) tot[i][r] = _mm512_fmadd_ps(_mm512_add_ps(a[i][0], a[i][1]), sv, tot[i][r]);
         }
     }
-    for (int i = 0; i < MM; i++)
-        for (int64_t r = 0; r < rows; r++) y[(m0 + i) * N + n0 + r] = _mm512_reduce_add_ps(_mm512_loadu_ps(part + (i * I8_CHUNK + r) * 16));
+    for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) y[(m0 + i) * N + b * 8 + r] = _mm512_reduce_add_ps(tot[i][r]);
 }
 
 void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, float *y, int64_t M, int64_t N, int64_t K,
                      int64_t gs, int nt) {
-#pragma omp parallel num_threads(nt)
-    {
-        float *part = (float *)aligned_alloc(64, sizeof(float) * 16 * 4 * I8_CHUNK);
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < (N + I8_CHUNK - 1) / I8_CHUNK; b++) {
-            int64_t n0 = b * I8_CHUNK, rows = N - n0 < I8_CHUNK ? N - n0 : I8_CHUNK;
-            for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                int64_t mm = M - m0 < 4 ? M - m0 : 4;
-#define I8_CALL(T) int8_chunk(x, q, s, y, N, K, gs, n0, rows, m0, T, part)
-                FOR_M(mm, I8_CALL);
-            }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < N / 8; b++)
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            int64_t mm = M - m0 < 4 ? M - m0 : 4;
+#define I8_CALL(T) int8_tile(x, q, s, y, N, K, gs, b, m0, T)
+            FOR_M(mm, I8_CALL);
         }
-        free(part);
-    }
 }
 
-// ---- int4 groups: W[n, k] = (c[n, k] - 8) * sz[g, n, 0] + sz[g, n, 1]; c two per byte, low = even k ---
-// 64 bytes = 32 int16 lanes; nibble t of lane j is column 4j + t of a 128-column chunk. A nibble or'ed
-// into 0x4300 is the bf16 number 128 + c, so each nibble vector is a bf16 vector without conversion:
-// sum_k W x = s * sum (128 + c) x - (136 s - z) * sum x   (x pre-permuted to the nibble order).
+// ---- int4 tiles: a nibble or'ed into 0x4300 is the bf16 number 128 + c, so each nibble vector is a bf16
+// vector without conversion: sum_k W x = s * sum (128 + c) x - (136 s - z) * sum x   (x pre-permuted to the
+// nibble order). R rows of the tile (from r0) x MM activation rows per pass keep the sums in registers.
 #define NIB(v, sh) ((__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, sh), low, magic, 0xEA))  // (v>>sh & 15) | magic
 ALWAYS void int4_tile(const uint16_t *xp, const float *sx, const uint8_t *p, const uint16_t *sz, float *y, int64_t N,
-                      int64_t K, int64_t gs, int64_t n0, int64_t m0, const int MM, const int R) {
+                      int64_t K, int64_t gs, int64_t b, int64_t m0, const int MM, const int R, const int r0) {
     const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
-    __m512 tot[4][8];
-    float off[4][8];
+    __m512 tot[2][8];
+    float off[2][8];
     for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) { tot[i][r] = _mm512_setzero_ps(); off[i][r] = 0.f; }
-    int64_t G = K / gs;
-    const uint8_t *pr = p + n0 * (K / 2);
+    int64_t G = K / gs, C = K / 128;
+    const uint8_t *tile = p + b * C * 512;
     for (int64_t g = 0; g < G; g++) {
-        __m512 a[4][8][2];
-        for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) { a[i][r][0] = _mm512_setzero_ps(); a[i][r][1] = _mm512_setzero_ps(); }
+        __m512 a[2][8];
+        for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) a[i][r] = _mm512_setzero_ps();
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 128) {
+            const uint8_t *blk = tile + (c / 128) * 512;
+            if (r0 == 0)
+                for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 2 * 512 + o), _MM_HINT_T0);
+            __m512bh xv[2][4];
+            for (int i = 0; i < MM; i++)
+                for (int t = 0; t < 4; t++) xv[i][t] = (__m512bh)_mm512_loadu_si512(xp + (m0 + i) * K + c + 32 * t);
             for (int r = 0; r < R; r++) {
-                __m512i v = _mm512_loadu_si512(pr + r * (K / 2) + c / 2);
-                _mm_prefetch((const char *)(pr + (R + r) * (K / 2) + c / 2), _MM_HINT_T0);  // the next tile's row
+                __m512i v = _mm512_loadu_si512(blk + 64 * (r0 + r));
                 __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(v, low, magic, 0xEA), w1 = NIB(v, 4), w2 = NIB(v, 8);
                 __m512bh w3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
                 for (int i = 0; i < MM; i++) {
-                    const uint16_t *xc = xp + (m0 + i) * K + c;
-                    a[i][r][0] = _mm512_dpbf16_ps(a[i][r][0], (__m512bh)_mm512_loadu_si512(xc), w0);
-                    a[i][r][1] = _mm512_dpbf16_ps(a[i][r][1], (__m512bh)_mm512_loadu_si512(xc + 32), w1);
-                    a[i][r][0] = _mm512_dpbf16_ps(a[i][r][0], (__m512bh)_mm512_loadu_si512(xc + 64), w2);
-                    a[i][r][1] = _mm512_dpbf16_ps(a[i][r][1], (__m512bh)_mm512_loadu_si512(xc + 96), w3);
+                    a[i][r] = _mm512_dpbf16_ps(a[i][r], xv[i][0], w0);
+                    a[i][r] = _mm512_dpbf16_ps(a[i][r], xv[i][1], w1);
+                    a[i][r] = _mm512_dpbf16_ps(a[i][r], xv[i][2], w2);
+                    a[i][r] = _mm512_dpbf16_ps(a[i][r], xv[i][3], w3);
                 }
             }
         }
+        const uint16_t *sg = sz + (b * G + g) * 16;
         for (int r = 0; r < R; r++) {
-            float sc = bf16_to_f(sz[(g * N + n0 + r) * 2]), zo = bf16_to_f(sz[(g * N + n0 + r) * 2 + 1]);
+            float sc = bf16_to_f(sg[2 * (r0 + r)]), zo = bf16_to_f(sg[2 * (r0 + r) + 1]);
             __m512 sv = _mm512_set1_ps(sc);
             for (int i = 0; i < MM; i++) {
-                tot[i][r] = _mm512_fmadd_ps(_mm512_add_ps(a[i][r][0], a[i][r][1]), sv, tot[i][r]);
+                tot[i][r] = _mm512_fmadd_ps(a[i][r], sv, tot[i][r]);
                 off[i][r] += (zo - 136.f * sc) * sx[(m0 + i) * G + g];
             }
         }
     }
-    for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) y[(m0 + i) * N + n0 + r] = _mm512_reduce_add_ps(tot[i][r]) + off[i][r];
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < R; r++) y[(m0 + i) * N + b * 8 + r0 + r] = _mm512_reduce_add_ps(tot[i][r]) + off[i][r];
 }
 
 void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, float *y, int64_t M, int64_t N, int64_t K,
@@ -217,18 +221,12 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, fl
         }
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t b = 0; b < (N + 3) / 4; b++) {
-        int64_t n0 = b * 4;
-        // one activation row: tiles of 8 output rows (even blocks take their odd neighbour's rows)
-        if (M == 1 && (b & 1) && n0 + 4 <= N) continue;
-        if (M == 1 && n0 + 8 <= N) { int4_tile(xp, sx, p, sz, y, N, K, gs, n0, 0, 1, 8); continue; }
-        for (int64_t m0 = 0; m0 < M; m0 += 2) {  // two activation rows per pass keep the accumulators in registers
-            int64_t mm = M - m0 < 2 ? M - m0 : 2;
-            if (n0 + 4 <= N) {
-                if (mm == 2) int4_tile(xp, sx, p, sz, y, N, K, gs, n0, m0, 2, 4);
-                else int4_tile(xp, sx, p, sz, y, N, K, gs, n0, m0, 1, 4);
-            } else {
-                for (int64_t n = n0; n < N; n++) for (int64_t m = m0; m < m0 + mm; m++) int4_tile(xp, sx, p, sz, y, N, K, gs, n, m, 1, 1);
+    for (int64_t b = 0; b < N / 8; b++) {
+        if (M == 1) { int4_tile(xp, sx, p, sz, y, N, K, gs, b, 0, 1, 8, 0); continue; }
+        for (int64_t m0 = 0; m0 < M; m0 += 2) {      // two activation rows x half a tile per pass
+            for (int r0 = 0; r0 < 8; r0 += 4) {
+                if (M - m0 >= 2) int4_tile(xp, sx, p, sz, y, N, K, gs, b, m0, 2, 4, r0);
+                else int4_tile(xp, sx, p, sz, y, N, K, gs, b, m0, 1, 4, r0);
             }
         }
     }

@@ -1,18 +1,68 @@
-"""What Int4Linear and Int8Linear share: shape bookkeeping, the bias, code checks and `from_codes`."""
+"""What Int4Linear and Int8Linear share: shape bookkeeping, the bias, code checks, `from_codes` and the
+storage layout that follows the tensors' device and dtype."""
 
 from __future__ import annotations
 
+import threading
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 
+_RESTORE_LOCK = threading.Lock()
+
+
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is `bits`-bit integer codes with one scale per group of
-    `group_size` input columns. Subclasses hold the codes in their kernel's storage."""
+    `group_size` input columns. Subclasses hold the codes in their kernel's storage layout, chosen for
+    the device and dtype the tensors live on (`layout_for`), and convert between it and the plain
+    layout (`_store` / `_plain`); a Module.to() re-stores them, and so does the first forward after the
+    tensors were moved behind the module's back (ZeroGPU moves tensors that way)."""
 
     bits: ClassVar[int]
+    layout: str
+    _stored_for: tuple
+
+    def layout_for(self, device: torch.device, dtype: torch.dtype) -> str:
+        raise NotImplementedError
+
+    def _store(self, codes: torch.Tensor, params: torch.Tensor) -> None:
+        """Hold plain codes [out, in] and group parameters (the subclass's plain layout) in the layout
+        `layout_for` picks for the codes' device and the parameters' dtype."""
+        raise NotImplementedError
+
+    def _plain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [out, in], group parameters) in the plain layout, wherever they are held."""
+        raise NotImplementedError
+
+    def _tensors_now(self) -> tuple:
+        raise NotImplementedError
+
+    def _restore_if_moved(self) -> None:
+        """The bytes are in the layout of the device and dtype they were stored for; once their tensors sit
+        elsewhere, read them in that layout and store them again for where they are, once."""
+        if self._tensors_now() == self._stored_for:
+            return
+        with _RESTORE_LOCK:                                     # one thread re-stores, the others see the result
+            here = self._tensors_now()
+            if here == self._stored_for:
+                return
+            device, dtype = here
+            if self.layout_for(device, dtype) != self.layout:
+                codes, params = self._plain()
+                self._store(codes.to(device), params.to(device, dtype))
+            self._stored_for = here
+
+    def _apply(self, fn, recurse=True):
+        device = self._tensors_now()[0]
+        if fn(torch.empty(0, device=device)).device == device:
+            return super()._apply(fn, recurse)   # a dtype change: the next forward re-stores if the layout changes
+        codes, params = self._plain()             # read in this device's layout, before the bytes move
+        super()._apply(fn, recurse)
+        device, dtype = self._tensors_now()
+        self._store(codes.to(device), params.to(device, dtype))
+        return self
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
                  dtype: torch.dtype, device: torch.device | str | None):

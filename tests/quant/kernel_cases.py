@@ -31,8 +31,8 @@ def exact_group_weight(module) -> torch.Tensor:
     """The group-wise weight in fp64, from codes and scales (no bf16 rounding of the product)."""
     gs = module.group_size
     if isinstance(module, Int8Linear):
-        return module.codes().double() * module.scales.double().t().repeat_interleave(gs, 1)
-    sz = module.scales_and_zeros.double()
+        return module.codes().double() * module.group_scales().double().t().repeat_interleave(gs, 1)
+    sz = module.scales_zeros().double()
     return ((module.codes().double() - 8) * sz[..., 0].t().repeat_interleave(gs, 1)
             + sz[..., 1].t().repeat_interleave(gs, 1))
 

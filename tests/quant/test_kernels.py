@@ -21,8 +21,8 @@ except ImportError:                      # tests/ collected without packages (ro
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="grace's CPU kernels need x86-64 AVX-512 BF16 and cc")
-# (in, out, group): tails of the 4-row tiles (out % 4 != 0), several groups, a group of 256
-SHAPES = [(256, 64, 128), (384, 70, 128), (512, 36, 256), (256, 5, 128)]
+# (in, out, group): several 8-row tiles and groups, a group of 256, a single tile
+SHAPES = [(256, 64, 128), (384, 72, 128), (512, 40, 256), (256, 8, 128)]
 
 
 
@@ -38,9 +38,10 @@ def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows):
     """Before the output's bf16 rounding the GEMVs are the group-wise formula in fp32 (error ~1e-6, not ~1e-3)."""
     x = torch.randn(rows, in_f).to(torch.bfloat16)
     m8, m4 = int8_module(in_f, out_f, group), int4_module(in_f, out_f, group)
-    y8 = kernels.linear_int8(x, m8.qweight, m8.scales, group)
+    assert (m8.layout, m4.layout) == ("tiled", "tiled")
+    y8 = kernels.linear_int8(x, m8.qweight, m8.scales, group, out_f)
     assert y8.dtype == torch.float32 and rel(y8, x.double() @ exact_group_weight(m8).t()) < 1e-6
-    y4 = kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group)
+    y4 = kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group, out_f)
     assert rel(y4, x.double() @ exact_group_weight(m4).t()) < 2e-5     # 128 + c trick: a little cancellation
     w = torch.randn(out_f, in_f).to(torch.bfloat16)
     assert rel(kernels.linear_bf16(x, w), x.double() @ w.double().t()) < 1e-6
@@ -53,10 +54,11 @@ def test_dequantize_kernels_are_bit_identical_to_dequantize(in_f, out_f, group):
     for module, dequant, packed, scales in ((m8, kernels.dequant_int8, m8.qweight, m8.scales),
                                             (m4, kernels.dequant_int4, m4.weight_packed, m4.scales_and_zeros)):
         reference = module.dequantize()
-        whole = dequant(packed, scales, group, 0, out_f, torch.empty(out_f, in_f, dtype=torch.bfloat16))
+        whole = dequant(packed, scales, group, out_f, 0, out_f, torch.empty(out_f, in_f, dtype=torch.bfloat16))
         assert torch.equal(whole, reference)
-        start, rows = out_f // 3, out_f - out_f // 3        # a row range, as the chunked GEMM asks for
-        part = dequant(packed, scales, group, start, rows, torch.empty(rows, in_f, dtype=torch.bfloat16))
+        start = out_f // 3 // 8 * 8                          # a range of whole tiles, as the chunked GEMM asks for
+        rows = out_f - start
+        part = dequant(packed, scales, group, out_f, start, rows, torch.empty(rows, in_f, dtype=torch.bfloat16))
         assert torch.equal(part, reference[start:])
 
 
@@ -89,25 +91,27 @@ def test_forward_paths_at_the_threshold(make, limit_name, in_f, out_f, group, mo
 @needs_kernels
 def test_chunked_dequantized_gemm(monkeypatch):
     """Weights larger than the scratch buffer (an lm_head) go through it in row chunks."""
-    module = int8_module(256, 70, 128)
+    module = int8_module(256, 72, 128)
     monkeypatch.setattr(kernels, "SCRATCH_ELEMENTS", 256 * 16)        # 16 rows per chunk: 5 chunks
     x = torch.randn(12, 256).to(torch.bfloat16)
     with torch.inference_mode():
-        y = kernels.dequantized_linear(x, lambda s, n, out: kernels.dequant_int8(module.qweight, module.scales, 128, s, n, out),
-                                       70, 256)
+        y = kernels.dequantized_linear(x, lambda s, n, out: kernels.dequant_int8(module.qweight, module.scales, 128, 72,
+                                                                                 s, n, out), 72, 256)
     assert torch.allclose(y.float(), F.linear(x, module.dequantize()).float(), rtol=1e-2, atol=1e-2)
 
 
 def test_modules_fall_back_to_torch_kernels(monkeypatch):
-    """Without grace's kernels every module still computes its reference: one built without them holds
-    torch's CPU layout, one built with them keeps the plain nibbles and takes the dequantize path."""
-    built_with = int4_module(256, 64, 128)
+    """Without grace's kernels every module still computes its reference: built without them, Int4Linear holds
+    torch's CPU layout and Int8Linear the group-major one (torch's per-group loop); a shape the tiles do not
+    cover (out % 8 != 0) takes those paths even with the kernels."""
+    built_with, untiled4, untiled8 = int4_module(256, 64, 128), int4_module(256, 70, 128), int8_module(256, 70, 128)
+    assert (built_with.layout, untiled4.layout, untiled8.layout) == ("tiled", "plain", "groups")
     x = torch.randn(3, 256).to(torch.bfloat16)
     monkeypatch.setattr(kernels, "available", lambda: False)
     built_without, m8 = int4_module(256, 64, 128), int8_module(256, 64, 128)
-    assert built_without.layout == "cpu"
+    assert (built_without.layout, m8.layout) == ("cpu", "groups")
     with torch.inference_mode():
-        for module in (built_with, built_without, m8):
+        for module in (built_with, untiled4, untiled8, built_without, m8):
             ref = x.double() @ exact_group_weight(module).t() + module.bias.double()
             assert rel(module(x), ref) < 6e-3
 

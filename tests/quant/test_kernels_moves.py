@@ -32,10 +32,10 @@ def move_behind_its_back(module: torch.nn.Module, device) -> None:
                     store[name] = torch.nn.Parameter(moved, requires_grad=False) if isinstance(t, torch.nn.Parameter) else moved
 
 
-def count_repacks(monkeypatch) -> list:
+def count_repacks(monkeypatch, cls=Int4Linear) -> list:
     calls = []
-    original = Int4Linear._pack_codes
-    monkeypatch.setattr(Int4Linear, "_pack_codes", lambda self, codes: calls.append(codes.device) or original(self, codes))
+    original = cls._store
+    monkeypatch.setattr(cls, "_store", lambda self, codes, params: calls.append(codes.device) or original(self, codes, params))
     return calls
 
 
@@ -47,9 +47,10 @@ def test_int4_repacks_once_when_the_bytes_arrive_in_another_devices_layout(monke
     module = int4_module(256, 64, 128)
     reference = exact_group_weight(module)
     here = module.layout
-    other = "plain" if here == "cpu" else "cpu"
-    module.weight_packed, module.layout = q4._pack(other, module.codes()), other
-    module._packed_for = (torch.device("meta"), torch.bfloat16)      # the fake tag: "packed on another device"
+    other = "cpu" if here == "tiled" else "plain"
+    module.weight_packed, module.scales_and_zeros = q4._pack(other, module.codes()), module.scales_zeros().contiguous()
+    module.layout = other
+    module._stored_for = (torch.device("meta"), torch.bfloat16)      # the fake tag: "packed on another device"
     assert torch.equal(exact_group_weight(module), reference)
     move_behind_its_back(module, "cpu")
     repacks = count_repacks(monkeypatch)
@@ -66,13 +67,14 @@ def test_int4_repacks_once_when_the_bytes_arrive_in_another_devices_layout(monke
 def test_int4_same_layout_on_the_new_device_is_not_repacked(monkeypatch):
     """Bytes whose layout the new device also reads (the plain nibbles) just get re-tagged."""
     module = int4_module(256, 64, 128)
-    module.weight_packed, module.layout = q4._pack("plain", module.codes()), "plain"
-    module._packed_for = (torch.device("meta"), torch.bfloat16)
+    module.weight_packed, module.scales_and_zeros = q4._pack("plain", module.codes()), module.scales_zeros().contiguous()
+    module.layout = "plain"
+    module._stored_for = (torch.device("meta"), torch.bfloat16)
     monkeypatch.setattr(q4, "layout_for", lambda *a: "plain")
     repacks = count_repacks(monkeypatch)
     with torch.inference_mode():
         module(torch.randn(1, 256).to(torch.bfloat16))
-    assert repacks == [] and module._packed_for == (torch.device("cpu"), torch.bfloat16)
+    assert repacks == [] and module._stored_for == (torch.device("cpu"), torch.bfloat16)
 
 
 def test_int4_no_repack_when_nothing_moved(monkeypatch):
@@ -95,13 +97,40 @@ def test_dtype_change_through_to_repacks_for_the_fp32_kernel():
 
 
 def test_int8_tensors_replaced_behind_its_back():
-    """Int8Linear's layout is the same on every device: replaced tensors just work."""
-    module = int8_module(256, 70, 128)
+    """Tensors replaced on the device they were stored for keep their layout and just work."""
+    module = int8_module(256, 64, 128)
     reference = exact_group_weight(module)
     move_behind_its_back(module, "cpu")
     x = torch.randn(4, 256).to(torch.bfloat16)
     with torch.inference_mode():
         assert rel(module(x), x.double() @ reference.t() + module.bias.double()) < 4e-3
+    assert module.layout == "tiled"
+
+
+def test_int8_restores_once_when_the_bytes_arrive_in_another_layout(monkeypatch):
+    """As for Int4Linear: group-major bytes tagged for another device, replaced on the CPU, are re-tiled once."""
+    module = int8_module(256, 64, 128)
+    reference = exact_group_weight(module)
+    codes, scales = module.codes(), module.group_scales()
+    module.qweight, module.scales = codes.reshape(64, 2, 128).transpose(0, 1).contiguous(), scales.contiguous()
+    module.layout, module._stored_for = "groups", (torch.device("meta"), torch.bfloat16)
+    assert torch.equal(exact_group_weight(module), reference)
+    move_behind_its_back(module, "cpu")
+    restores = count_repacks(monkeypatch, Int8Linear)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    with torch.inference_mode():
+        first, second = module(x), module(x)
+    assert len(restores) == 1 and module.layout == "tiled" and torch.equal(first, second)
+    assert torch.equal(exact_group_weight(module), reference)
+
+
+def test_int8_dtype_change_leaves_the_tiles():
+    module = int8_module(256, 64, 128)
+    reference = exact_group_weight(module)
+    module.float()
+    x = torch.randn(3, 256)
+    y = module(x)
+    assert module.layout == "groups" and rel(y, x.double() @ reference.t() + module.bias.double()) < 1e-5
 
 
 @pytest.mark.gpu
