@@ -23,8 +23,9 @@ from .qlinear import QuantizedLinear
 
 from . import kernels
 
-# grace's int8 GEMV beats dequantize + bf16 GEMM up to this many rows (bench/linear_kernels.py: crossovers in the quiet rows of the sweep)
-KERNEL_MAX_ROWS = 8
+# grace's int8 GEMV beats dequantize + bf16 GEMM up to this many rows (bench/linear_kernels.py: crossovers in the
+# quiet rows of the sweep; tiled, the GEMV wins up to 16 rows on every 2B shape and loses at 32 on four of five)
+KERNEL_MAX_ROWS = 16
 # without grace's kernels: up to this many rows the per-group torch int8 loop beats dequantize + matmul
 # (bench/linear_kernels.py: with bf16 activations up to 16 rows on every 2B shape, with fp32 up to 2-8)
 TORCH_LOOP_MAX_ROWS = 16
