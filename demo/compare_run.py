@@ -105,6 +105,7 @@ class CompareRun:
         self._changed = threading.Condition()
         self._version = 0
         self._stop = threading.Event()
+        self.final = False             # set by updates(): the state it yields is the last one
 
     def start(self) -> "CompareRun":
         for column in self.columns:
@@ -180,7 +181,10 @@ class CompareRun:
                 column.agreed_text = agreed_prefix(column.tokenizer, column.token_ids, first, column.text)
 
     def updates(self):
-        """Yield self after every batch of changes (at most UPDATES_PER_S a second) until all are finished."""
+        """Yield self after every batch of changes (at most UPDATES_PER_S a second) until all are finished; the
+        last one has `final` True. Whether it is the last is decided before the yield: a column that finishes
+        while the caller renders a yield gets one more (it used to end the loop unseen, leaving it
+        "answering…" on screen)."""
         seen = -1
         try:
             while True:
@@ -188,9 +192,10 @@ class CompareRun:
                     if self._version == seen and not self.finished:
                         self._changed.wait(timeout=1.0)
                     seen = self._version
+                    self.final = self.finished
                 self._agreement()
                 yield self
-                if self.finished:
+                if self.final:
                     return
                 time.sleep(1.0 / UPDATES_PER_S)
         finally:

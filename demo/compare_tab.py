@@ -74,7 +74,7 @@ class CompareTab:
                            temperature, top_p, seed)
         run.start()
         for i, state in enumerate(run.updates()):
-            yield self.render(state, final=state.finished, first=i == 0)
+            yield self.render(state, final=state.final, first=i == 0)
 
     @on_gpu
     def run_api(self, family, variants, image, question, max_new_tokens, sampling, temperature, top_p, seed):

@@ -60,8 +60,9 @@ def deviations(recipe) -> list[dict]:
          "why": "the same share of the run (400 / 1300)"},
         {"setting": "tau", "authors": "3.0", "zoo": f"BF16: {recipe.tau_ratio} x probe (first leg), "
          f"{recipe.grace_more_tau_ratio} x probe (second leg, the student already close); QAT: sqrt(probe x GRACE BF16's "
-         "final L_GDKD)", "why": f"L_GDKD is in the models' own units: measured here 8.2 at the start of GRACE BF16 "
-         "(median of a 6-step probe), 0.87 at its end, 0.83-1.40 at the start of QAT (see each card)"},
+         "final L_GDKD)", "why": "L_GDKD is in the models' own units: measured here 8.2 at the start of GRACE BF16's first leg "
+         "(median of a 6-step probe), 0.87 at the start of its second and 0.54 at its end, 0.56-0.63 at the start of "
+         "QAT from W8 to W3 and 1.0-1.07 at W2 (see each card)"},
         {"setting": "eta", "authors": "0.003", "zoo": "0.003 x (3.0 / tau) x (1300 / steps)",
          "why": "the same change of beta per relative distance from tau over the same share of the run"},
         {"setting": "EMA decay", "authors": "0.99", "zoo": f"{recipe.ema_decay} (BF16), {recipe.qat_ema_decay} (QAT)",

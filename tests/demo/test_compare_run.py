@@ -78,3 +78,25 @@ def test_variant_lists_from_the_api():
         check_labels(["zzz"], family)
     with pytest.raises(ValueError, match="At most 4"):
         check_labels(list("abcde"), Family("g", [Variant(x, x, "bf16") for x in "abcde"]))
+
+
+def test_a_column_finishing_during_a_render_gets_one_more_update(fixtures_dir):
+    """The last update is decided before it is yielded: a column that finishes while the caller is rendering
+    the previous one is shown finished (the loop used to end there, leaving it 'answering…' on screen)."""
+    from grace.chat import GenerationSettings
+
+    family = Family("dev", [Variant("BF16", str(fixtures_dir / "qwen3vl-tiny-bf16"), "bf16"),
+                            Variant("W4", str(fixtures_dir / "qwen3vl-tiny-grace-w4g128-awq"), "int4")])
+    run = CompareRun(ModelCache(2**30), family, ["BF16", "W4"], Image.new("RGB", (64, 64)), "What?",
+                     GenerationSettings(max_new_tokens=4))                 # not started: the test moves the columns
+    for column in run.columns:
+        column.status = "answering"
+    updates = run.updates()
+    assert next(updates).final is False
+    for column in run.columns:                                             # both finish while that one is drawn
+        column.status = "done"
+    run._bump()
+    last = next(updates)
+    assert last.final is True and all(c.status == "done" for c in last.columns)
+    with pytest.raises(StopIteration):
+        next(updates)
