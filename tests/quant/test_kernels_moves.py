@@ -85,15 +85,16 @@ def test_int4_no_repack_when_nothing_moved(monkeypatch):
     assert repacks == []
 
 
-def test_dtype_change_through_to_repacks_for_the_fp32_kernel():
-    """module.float() keeps the device, changes the dtype: the bf16 kernel layout no longer applies."""
-    module = int4_module(256, 64, 128)
+@pytest.mark.parametrize("make,layout", [(int4_module, q4.layout_for(torch.device("cpu"), 64, 256, 128, torch.float32)),
+                                         (int8_module, "groups")])
+def test_dtype_change_through_to_leaves_the_bf16_kernel_layout(make, layout):
+    """module.float() keeps the device, changes the dtype: the bf16 kernels' tiles no longer apply."""
+    module = make(256, 64, 128)
     reference = exact_group_weight(module)
     module.float()
     x = torch.randn(3, 256)
     y = module(x)
-    assert module.layout == q4.layout_for(torch.device("cpu"), 64, 256, 128, torch.float32)
-    assert rel(y, x.double() @ reference.t() + module.bias.double()) < 1e-5
+    assert module.layout == layout and rel(y, x.double() @ reference.t() + module.bias.double()) < 1e-5
 
 
 def test_int8_tensors_replaced_behind_its_back():
@@ -123,14 +124,6 @@ def test_int8_restores_once_when_the_bytes_arrive_in_another_layout(monkeypatch)
     assert len(restores) == 1 and module.layout == "tiled" and torch.equal(first, second)
     assert torch.equal(exact_group_weight(module), reference)
 
-
-def test_int8_dtype_change_leaves_the_tiles():
-    module = int8_module(256, 64, 128)
-    reference = exact_group_weight(module)
-    module.float()
-    x = torch.randn(3, 256)
-    y = module(x)
-    assert module.layout == "groups" and rel(y, x.double() @ reference.t() + module.bias.double()) < 1e-5
 
 
 @pytest.mark.gpu
