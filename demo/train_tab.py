@@ -43,6 +43,8 @@ class TrainTab:
     def __init__(self, settings: Settings, registry: Registry, manager: JobManager | None = None):
         self.settings = settings
         self.registry = registry
+        # the zoo's recipe (zoo.json), read once: default teacher / student, form values and every zoo job's options
+        self.zoo_recipe = grace.zoo.train_defaults(settings.zoo_dir)
         self.manager = manager or JobManager(settings.runs_dir)
         self.data_files = training_data_files(settings.allow_local)
 
@@ -57,7 +59,7 @@ class TrainTab:
         """The zoo recipe's teacher / student (GRACE BF16, quantized by the job), else the model labelled so, else
         the first BF16 model."""
         choices = self.model_choices()
-        wanted = grace.zoo.train_defaults(self.settings.zoo_dir).get(role)
+        wanted = self.zoo_recipe.get(role)
         for key, variant in choices.items():
             if wanted and key.startswith(ZOO_FAMILY) and variant.source == wanted:
                 return key
@@ -75,10 +77,9 @@ class TrainTab:
         zoo model, the authors' preset for the Qwen3-VL-2B releases, grace.TrainConfig's defaults otherwise."""
         family = (student or "").split(SEP)[0]
         if family == ZOO_FAMILY:
-            values = grace.zoo.train_defaults(self.settings.zoo_dir)
-            if values:
+            if self.zoo_recipe:
                 return ("the zoo's GRACE W4 run (the authors' recipe scaled to these tiny models; "
-                        "assets/zoo/zoo.json)", values)
+                        "assets/zoo/zoo.json)", dict(self.zoo_recipe))
         if family == HUB_FAMILY:
             return (f"preset {PAPER_PRESET}: the authors' Qwen3-VL-2B GRACE recipe "
                     f"(python -m grace train --preset {PAPER_PRESET} --help)", dict(PRESETS[PAPER_PRESET]["values"]))

@@ -105,16 +105,13 @@ class Int4Linear(QuantizedLinear):
     def layout_for(self, device: torch.device, dtype: torch.dtype) -> str:
         return layout_for(device, self.out_features, self.in_features, self.group_size, dtype)
 
-    def _store(self, codes: torch.Tensor, params: torch.Tensor) -> None:
+    def _hold(self, layout: str, codes: torch.Tensor, params: torch.Tensor) -> None:
         """codes uint8 [out, in] in [0, 15], params = scales_and_zeros [in/group, out, 2]."""
-        layout = self.layout_for(codes.device, params.dtype)
         self.weight_packed = _pack(layout, codes)
         if layout == "tiled":
             g, n = params.shape[:2]
             params = params.reshape(g, n // TILE, TILE, 2).transpose(0, 1)
         self.scales_and_zeros = params.contiguous()
-        self.layout = layout
-        self._stored_for = (codes.device, params.dtype)
 
     def _plain(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.codes(), self.scales_zeros()
@@ -123,12 +120,13 @@ class Int4Linear(QuantizedLinear):
         return self.weight_packed.device, self.scales_and_zeros.dtype
 
     # -- construction -----------------------------------------------------------------------
-    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> "Int4Linear":
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                  device: torch.device | str | None = None) -> "Int4Linear":
         """codes [out, in] in [0, 15]; scales [out, in/group]; zeros [out, in/group] as integer
         zero points (W = (q - zero) * scale), default 8: a symmetric grid stored as q + 8.
-        Computed in fp32, stored in the module's dtype."""
+        Computed in fp32, stored in the module's dtype, on `device` (default: where the module is)."""
         self._check_codes(codes, 0, 15, scales=scales, zeros=zeros)
-        device = self.weight_packed.device
+        device = self.weight_packed.device if device is None else torch.device(device)
         scales = scales.to(device, torch.float32)
         offset = (8 - zeros.to(device, torch.float32)) * scales if zeros is not None else torch.zeros_like(scales)
         params = torch.stack((scales, offset), dim=-1).transpose(0, 1).to(self.scales_and_zeros.dtype)

@@ -53,10 +53,9 @@ class Int8Linear(QuantizedLinear):
             return "tiled"
         return "groups"
 
-    def _store(self, codes: torch.Tensor, params: torch.Tensor) -> None:
+    def _hold(self, layout: str, codes: torch.Tensor, params: torch.Tensor) -> None:
         """codes int8 [out, in], params = scales [in/group, out]."""
         n, g, gs = self.out_features, self.groups, self.group_size
-        layout = self.layout_for(codes.device, params.dtype)
         grouped = codes.to(torch.int8).reshape(n, g, gs)
         if layout == "tiled":
             self.qweight = grouped.reshape(n // TILE, TILE, g, gs).transpose(1, 2).contiguous()
@@ -64,8 +63,6 @@ class Int8Linear(QuantizedLinear):
         else:
             self.qweight = grouped.transpose(0, 1).contiguous()
             self.scales = params.contiguous()
-        self.layout = layout
-        self._stored_for = (codes.device, params.dtype)
 
     def _plain(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.codes(), self.group_scales()
@@ -74,12 +71,14 @@ class Int8Linear(QuantizedLinear):
         return self.qweight.device, self.scales.dtype
 
     # -- construction and reading back --------------------------------------------------------------
-    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> "Int8Linear":
-        """codes int [out, in] in [-128, 127]; scales [out, in/group]. Symmetric: no zero points."""
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                  device: torch.device | str | None = None) -> "Int8Linear":
+        """codes int [out, in] in [-128, 127]; scales [out, in/group]. Symmetric: no zero points. Held on
+        `device` (default: where the module is)."""
         if zeros is not None:
             raise ValueError("Int8Linear is symmetric (W = q * s): it takes no zero points")
         self._check_codes(codes, -128, 127, scales=scales)
-        device = self.qweight.device
+        device = self.qweight.device if device is None else torch.device(device)
         self._store(codes.to(device, torch.int8), scales.to(device, torch.float32).t().to(self.scales.dtype))
         return self
 

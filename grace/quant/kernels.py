@@ -6,8 +6,9 @@ machine's read bandwidth, and torch has no group-wise int8 kernel at all. The ke
 byte once, accumulate in fp32 and apply the group scales exactly as the modules' `dequantize()`
 defines them. The quantized weights are held in tiles of 8 output rows that are one contiguous
 stream in memory (Int8Linear / Int4Linear layout "tiled"): read row by row, 8 rows were 8 streams
-and the GEMVs moved under half the read bandwidth; tiled, they move about twice as much. They also dequantize into a bf16 buffer, bit-identical to `dequantize()`, for the
-many-row case where the bf16 GEMM is the fastest path.
+and the GEMVs moved under half the read bandwidth; tiled, they move about twice as much. They also
+dequantize into a bf16 buffer, bit-identical to `dequantize()`, for the many-row case where the bf16
+GEMM is the fastest path.
 
 The library is compiled at first use with the system C compiler (`cc -O3 -march=native -fopenmp`,
 about a second) into ~/.cache/grace/kernels (GRACE_KERNEL_CACHE overrides), keyed by source and CPU.

@@ -30,6 +30,12 @@ class QuantizedLinear(nn.Module):
     def _store(self, codes: torch.Tensor, params: torch.Tensor) -> None:
         """Hold plain codes [out, in] and group parameters (the subclass's plain layout) in the layout
         `layout_for` picks for the codes' device and the parameters' dtype."""
+        layout = self.layout_for(codes.device, params.dtype)
+        self._hold(layout, codes, params)
+        self.layout, self._stored_for = layout, (codes.device, params.dtype)
+
+    def _hold(self, layout: str, codes: torch.Tensor, params: torch.Tensor) -> None:
+        """Set the subclass's buffers to `codes` and `params` (plain) in `layout`."""
         raise NotImplementedError
 
     def _plain(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,16 +90,19 @@ class QuantizedLinear(nn.Module):
         subclass has them, integer `zeros` [out, in/group_size]); `bias` [out] optional.
         Placed on `device` (default: the codes' device), scales and bias held in `dtype`."""
         out_f, in_f = codes.shape
-        device = codes.device if device is None else device
-        module = cls(in_f, out_f, bias is not None, group_size, dtype, device)
-        module.set_codes(codes, scales, zeros)
+        device = codes.device if device is None else torch.device(device)
+        # built on the meta device: its placeholder weight costs nothing, and the real one is stored once
+        module = cls(in_f, out_f, bias is not None, group_size, dtype, "meta")
+        module.set_codes(codes, scales, zeros, device=device)
         if bias is not None:
             if tuple(bias.shape) != (out_f,):
                 raise ValueError(f"bias shape {tuple(bias.shape)} != {(out_f,)}")
-            module.bias.data = bias.detach().to(module.bias.device, dtype)
+            module.bias = nn.Parameter(bias.detach().to(device, dtype), requires_grad=False)
         return module
 
-    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None):
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                  device: torch.device | str | None = None):
+        """Hold these codes (and group scales / zero points), on `device` (default: where the module is)."""
         raise NotImplementedError
 
     def _check_codes(self, codes: torch.Tensor, qmin: int, qmax: int, **per_group: torch.Tensor | None) -> None:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from app_server import REPO, app_env, running_app
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, playwright_api  # noqa: F401 (skips without them)
+from test_app_browser import browser, open_app, playwright_api  # noqa: F401 (the browser fixture; skips without it)
 
 from grace.zoo import DEFAULT_OUT
 
@@ -64,14 +64,11 @@ def zoo_url(fixtures_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def zoo_page(zoo_url):
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.zoo_url = zoo_url
-        yield page
-        browser.close()
+def zoo_page(browser, zoo_url):
+    page = open_app(browser, zoo_url)
+    page.zoo_url = zoo_url
+    yield page
+    page.close()
 
 
 def ask(page, image_path, question: str) -> list[str]:
