@@ -8,10 +8,13 @@ the vision tower unused) with random bf16 weights. The variants are the same mod
 swapped in place between runs, so only one model's tensors are held (the quantized linears come from
 grace.quantize_(model, _util.bench_config(bits)) and grace.quant.head.quantize_head_ on those weights):
 
-  bf16 torch        every linear a plain nn.Linear (F.linear: oneDNN)
+  bf16 torch        every linear a plain nn.Linear (F.linear: oneDNN), transformers' sdpa attention and
+                    DynamicCache: the model as transformers runs it
   bf16 oneDNN off   the same, with torch's process-wide oneDNN flag off for the single-token steps
                     (what the issue measured; not usable in a threaded server)
-  bf16 grace        FastBF16Linear everywhere (what grace.load does on CPU)
+  bf16 grace linears  FastBF16Linear everywhere; attention, RMSNorm and cache still transformers' own
+  bf16 grace        FastBF16Linear, grace's decode attention, RMSNorm and GrowingCache (grace/cpu_decode.py):
+                    what grace.load and grace.chat do on CPU
   int8 / int4       the 196 decoder linears Int8Linear / Int4Linear, the rest as bf16 grace
   … + int8/int4 head  lm_head quantized too (grace.load(head=...); the bf16 embedding stays)
 
@@ -38,6 +41,7 @@ from torch import nn  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen3VLForConditionalGeneration  # noqa: E402
 
 import grace  # noqa: E402
+from grace import cpu_decode  # noqa: E402
 from grace.load import tensor_bytes  # noqa: E402
 from grace.quant.bf16 import FastBF16Linear  # noqa: E402
 from grace.quant.head import quantize_head_  # noqa: E402
@@ -46,11 +50,13 @@ from grace.tiny import qwen3vl_2b_config  # noqa: E402
 from linear_kernels import read_bandwidth  # noqa: E402
 
 PAD, EOS = 151_643, 151_645
-VARIANTS = ("bf16_torch", "bf16_no_onednn", "bf16_grace", "int8", "int8_head8", "int4", "int4_head8", "int4_head4")
+VARIANTS = ("bf16_torch", "bf16_no_onednn", "bf16_grace_linears", "bf16_grace", "int8", "int8_head8", "int4", "int4_head8", "int4_head4")
 LABEL = {"bf16_torch": "BF16, torch F.linear (oneDNN)", "bf16_no_onednn": "BF16, oneDNN off for 1-row steps (process flag)",
-         "bf16_grace": "BF16, grace (FastBF16Linear)", "int8": "INT8", "int8_head8": "INT8 + int8 lm_head",
+         "bf16_grace_linears": "BF16, grace linears, the rest transformers'",
+         "bf16_grace": "BF16, grace (linears, attention, RMSNorm, cache)", "int8": "INT8", "int8_head8": "INT8 + int8 lm_head",
          "int4": "INT4", "int4_head8": "INT4 + int8 lm_head", "int4_head4": "INT4 + int4 lm_head"}
-BF16 = VARIANTS[:3]
+BF16 = VARIANTS[:4]
+TORCH_ATTENTION = VARIANTS[:3]       # transformers' sdpa attention, RMSNorm and DynamicCache
 
 
 class Stamp(LogitsProcessor):
@@ -106,6 +112,13 @@ class Variants:
         for m in self.model.modules():
             if type(m) in (nn.Linear, FastBF16Linear):
                 m.__class__ = cls
+        torch_rest = name in TORCH_ATTENTION
+        for m in self.model.modules():
+            for plain, fast in cpu_decode.FAST_RMS_NORMS.items():
+                if type(m) in (plain, fast):
+                    m.__class__ = plain if torch_rest else fast
+        self.model.config.text_config._attn_implementation = "sdpa" if torch_rest else cpu_decode.ATTENTION
+        self.grace_cache = name not in TORCH_ATTENTION
 
     def step_bytes(self) -> int:
         """Weight bytes one decode step reads: decoder linears and lm_head as currently held."""
@@ -115,10 +128,11 @@ class Variants:
 def generate(v: Variants, name: str, ids, n: int) -> dict:
     v.use(name)
     stamp = Stamp(onednn_off_after_prefill=name == "bf16_no_onednn")
+    cache = cpu_decode.cache_kwargs(v.model) if v.grace_cache else {}
     start = time.perf_counter()
     try:
         out = v.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, logits_processor=LogitsProcessorList([stamp]))
+                               do_sample=False, logits_processor=LogitsProcessorList([stamp]), **cache)
     finally:
         torch.backends.mkldnn.enabled = True
     assert out.shape[1] == ids.shape[1] + n and len(stamp.times) == n

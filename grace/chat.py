@@ -21,6 +21,7 @@ from transformers.generation.logits_process import LogitsProcessor, LogitsProces
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .cpu_decode import cache_kwargs
 from .load import LoadedModel
 
 MAX_ASPECT_RATIO = 200        # Qwen's image processor refuses longer strips
@@ -196,7 +197,8 @@ class _StopWhenSet(StoppingCriteria):
 
 
 def cache_bytes(cache) -> int | None:
-    """Bytes held by a generation cache's tensors (transformers' Cache classes or legacy tuples)."""
+    """Bytes held by a generation cache's tensors (transformers' Cache classes or legacy tuples): each
+    storage once, whole (a GrowingCache's keys are views of buffers with spare room, counted as held)."""
     if cache is None:
         return None
     seen, total = set(), 0
@@ -204,9 +206,11 @@ def cache_bytes(cache) -> int | None:
     def add(obj, depth=0):
         nonlocal total
         if isinstance(obj, torch.Tensor):
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                total += obj.numel() * obj.element_size()
+            storage = obj.untyped_storage()
+            key = (obj.device, storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
         elif depth < 4 and isinstance(obj, (list, tuple)):
             for item in obj:
                 add(item, depth + 1)
@@ -234,7 +238,7 @@ def stream(loaded: LoadedModel, image: Image.Image | None, question: str,
     confidence = _Confidence()
     streamer = _QueueStreamer(confidence)
     cancel = stop or threading.Event()
-    kwargs = dict(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer,
+    kwargs = dict(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer, **cache_kwargs(loaded.model),
                   do_sample=settings.do_sample, pad_token_id=tokenizer.pad_token_id,
                   logits_processor=LogitsProcessorList([confidence]), return_dict_in_generate=True,
                   stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]))

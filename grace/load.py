@@ -22,6 +22,7 @@ from . import hub
 from .checkpoint_files import read_config, read_json, read_tensors, safetensors_files
 from .errors import GraceLoadError
 from .formats import detect_format
+from .cpu_decode import use_cpu_decode_
 from .quant.bf16 import fast_bf16_linears_
 from .quant.head import quantize_head_
 from .quant.qlinear import QuantizedLinear
@@ -87,11 +88,13 @@ def default_device() -> torch.device:
 
 def _prepare_for_serving(model: nn.Module, device: torch.device, head: str | None) -> None:
     """What every architecture gets after its weights are placed: the optional quantized head, and
-    on CPU the few-row bf16 linears off oneDNN (grace/quant/bf16.py)."""
+    on CPU the few-row bf16 linears off oneDNN (grace/quant/bf16.py) and the decode-step attention
+    (grace/cpu_decode.py)."""
     if head is not None:
         quantize_head_(model, head)
     if device.type == "cpu":
         fast_bf16_linears_(model)
+        use_cpu_decode_(model)
 
 
 def load(source: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,

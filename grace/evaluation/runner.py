@@ -17,6 +17,7 @@ from .scoring import EvalResult, id_key, score_one, score_replies, summarize
 def generate(loaded, images: list, prompt: str, max_new_tokens: int) -> str:
     """The model's greedy reply to one prompt with its pictures (image entries first, then the text)."""
     from .. import chat
+    from ..cpu_decode import cache_kwargs
 
     if len(images) <= 1:
         settings = chat.GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
@@ -28,7 +29,7 @@ def generate(loaded, images: list, prompt: str, max_new_tokens: int) -> str:
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(text=[text], images=images, return_tensors="pt").to(loaded.device)
     with torch.inference_mode():
-        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **cache_kwargs(loaded.model),
                                     pad_token_id=processor.tokenizer.pad_token_id)
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 

@@ -102,6 +102,16 @@ class Int8Linear(QuantizedLinear):
 
     # -- compute ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a decode step's path first, as in Int4Linear.forward
+        buffers = self._buffers
+        q, s = buffers["qweight"], buffers["scales"]
+        if (self.layout == "tiled" and x.dtype is torch.bfloat16 and x.shape[-1] == self.in_features
+                and x.numel() <= KERNEL_MAX_ROWS * self.in_features and self.bias is None
+                and q.device.type == "cpu" and s.dtype is torch.bfloat16 and x.device.type == "cpu"
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            y = kernels.linear_int8(x.reshape(-1, self.in_features), q, s, self.group_size, self.out_features,
+                                    torch.bfloat16)
+            return y.reshape(*x.shape[:-1], self.out_features)
         self._restore_if_moved()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)

@@ -1,4 +1,5 @@
-"""CPU GEMV kernels for decode: bf16, group-wise int8 and group-wise int4 weights, a few activation rows.
+"""CPU kernels for decode: GEMVs for bf16, group-wise int8 and group-wise int4 weights (a few activation
+rows), the attention of one query token and RMSNorm of a few rows (used by grace/cpu_decode.py).
 
 At M = 1 torch's bf16 `F.linear` goes through oneDNN, which moves weights at well under half the
 machine's read bandwidth, and torch has no group-wise int8 kernel at all. The kernels here
@@ -8,7 +9,8 @@ defines them. The quantized weights are held in tiles of 8 output rows that are 
 stream in memory (Int8Linear / Int4Linear layout "tiled"): read row by row, 8 rows were 8 streams
 and the GEMVs moved under half the read bandwidth; tiled, they move about twice as much. They also
 dequantize into a bf16 buffer, bit-identical to `dequantize()`, for the many-row case where the bf16
-GEMM is the fastest path.
+GEMM is the fastest path. The GEMVs write fp32 or, for a module's bias-free decode step, bf16 directly
+(the same rounding as `.to(torch.bfloat16)`, one op less per linear).
 
 The library is compiled at first use with the system C compiler (`cc -O3 -march=native -fopenmp`,
 about a second) into ~/.cache/grace/kernels (GRACE_KERNEL_CACHE overrides), keyed by source and CPU.
@@ -39,9 +41,11 @@ _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _TRIED = False
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
-# the dequantize-then-GEMM path works on row chunks of at most this many weights: a reused 4 MB buffer per
-# thread, which stays in the L3 cache between the dequantize and the GEMM that reads it
-SCRATCH_ELEMENTS = 1 << 21
+# the dequantize-then-GEMM path dequantizes at most this many weights at a time into a buffer each thread
+# reuses (32 MB): every 2B decoder linear in one piece. Dequantizing costs ~6 % of the many-row GEMM that
+# follows, while cutting the GEMM into pieces that stay in L3 (4 MB) cost it up to 17 % (down_proj at 256 rows:
+# 336-row pieces, 17.6 ms vs 15.0 ms whole), so the pieces are as large as memory allows
+SCRATCH_ELEMENTS = 1 << 24
 # weights smaller than this stay on torch's kernels: their lower per-call cost wins on tiny models
 # (a 2-layer, 128-wide zoo model answered 1.4x slower through these kernels); every 2B linear is larger
 MIN_WEIGHTS = 1 << 20
@@ -100,15 +104,18 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 2:
+    if lib.grace_kernels_version() != 8:
         return None
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T]
-    lib.grace_gemv_int8.argtypes = [P, P, P, P, I, I, I, I, T]
-    lib.grace_gemv_int4.argtypes = [P, P, P, P, I, I, I, I, T]
-    lib.grace_dequant_int8.argtypes = [P, P, P, I, I, I, I, I, T]
-    lib.grace_dequant_int4.argtypes = [P, P, P, I, I, I, I, I, T]
-    for name in ("grace_gemv_bf16", "grace_gemv_int8", "grace_gemv_int4", "grace_dequant_int8", "grace_dequant_int4"):
+    lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T, T]
+    lib.grace_gemv_int8.argtypes = [P, P, P, P, I, I, I, I, T, T]
+    lib.grace_gemv_int4.argtypes = [P, P, P, P, I, I, I, I, T, T]
+    lib.grace_dequant_int8.argtypes = [P, P, P, I, I, I, I, I, T, T]
+    lib.grace_dequant_int4.argtypes = [P, P, P, I, I, I, I, I, T, T]
+    F = ctypes.c_float
+    lib.grace_attention_decode.argtypes = [P, P, P, P, I, I, I, I, I, I, I, I, I, I, I, F, T]
+    lib.grace_rms_norm.argtypes = [P, P, P, I, I, F]
+    for name in ("grace_rms_norm", "grace_attention_decode", "grace_gemv_bf16", "grace_gemv_int8", "grace_gemv_int4", "grace_dequant_int8", "grace_dequant_int4"):
         getattr(lib, name).restype = None
     return lib
 
@@ -142,37 +149,45 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-# -- GEMVs: x [M, K] bf16 -> y [M, N] fp32 -------------------------------------------------------------
+# -- GEMVs: x [M, K] bf16 -> y [M, N] fp32, or bf16 (the fp32 result rounded to nearest even, as .to() does) ----
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _output(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the GEMVs write float32 or bfloat16, not {dtype}")
+    return torch.empty(m, n, dtype=dtype)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x @ weight.T for bf16 weight [N, K], K a multiple of 32."""
     x, weight = x.contiguous(), weight.contiguous()
     m, k = x.shape
-    y = torch.empty(m, weight.shape[0], dtype=torch.float32)
-    library().grace_gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, weight.shape[0], k, _threads())
+    y = _output(m, weight.shape[0], dtype)
+    library().grace_gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, weight.shape[0], k, _threads(),
+                              dtype is torch.bfloat16)
     return y
 
 
-def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, n: int) -> torch.Tensor:
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, n: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x @ W.T for the tiled int8 layout (quant/int8.py): qweight int8 [N/8, G, 8, gs], scales bf16 [N/8, G, 8],
     W[n, k] = q * s; gs a multiple of 64."""
     x = x.contiguous()
     m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.float32)
+    y = _output(m, n, dtype)
     library().grace_gemv_int8(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, group_size,
-                              _threads())
+                              _threads(), dtype is torch.bfloat16)
     return y
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                n: int) -> torch.Tensor:
+                n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x @ W.T for the tiled int4 layout (quant/int4.py): packed uint8 [N/8, K/128, 8, 64], scales_and_zeros
     bf16 [N/8, G, 8, 2], W[n, k] = (c - 8) * s + z; group_size a multiple of 128."""
     x = x.contiguous()
     m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.float32)
+    y = _output(m, n, dtype)
     library().grace_gemv_int4(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), m, n, k,
-                              group_size, _threads())
+                              group_size, _threads(), dtype is torch.bfloat16)
     return y
 
 
@@ -186,11 +201,20 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
+# dequantizing this many bytes or more writes around the cache (non-temporal stores; kernels_src.py says why):
+# whole-model prefill of 256 rows measured 0.95x bf16 with them and 0.92x without (INT4; INT8 0.96x vs 0.93x)
+STREAM_MIN_BYTES = 1 << 22
+
+
+def _stream(out: torch.Tensor) -> bool:
+    return out.numel() * out.element_size() >= STREAM_MIN_BYTES
+
+
 def dequant_int8(qweight, scales, group_size: int, n: int, start: int, rows: int, out: torch.Tensor) -> torch.Tensor:
     """Rows start .. start+rows-1 of the tiled int8 weight, in bf16, into `out` [rows, K]."""
     k = qweight.shape[1] * group_size
     library().grace_dequant_int8(qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, group_size, start, rows,
-                                 _threads())
+                                 _threads(), _stream(out))
     return out
 
 
@@ -198,7 +222,7 @@ def dequant_int4(packed, scales_and_zeros, group_size: int, n: int, start: int, 
     """Rows start .. start+rows-1 of the tiled int4 weight, in bf16, into `out` [rows, K]."""
     k = packed.shape[1] * 128
     library().grace_dequant_int4(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n, k, group_size,
-                                 start, rows, _threads())
+                                 start, rows, _threads(), _stream(out))
     return out
 
 
@@ -212,3 +236,51 @@ def dequantized_linear(x: torch.Tensor, dequant, out_features: int, in_features:
         w = dequant(start, rows, _scratch(rows * in_features).view(rows, in_features))
         parts.append(torch.nn.functional.linear(x, w))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+# -- attention of one query token (a decode step) ---------------------------------------------------------
+
+ATTENTION_MAX_HEAD_DIM = 256
+ATTENTION_MAX_GROUP = 16
+
+
+def attention_decode_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Shapes and dtypes the decode attention kernel takes: query [B, Hq, 1, D], key / value [B, Hkv, L, D],
+    bf16 on the CPU, D a multiple of 32 up to 256, at most 16 query heads per key/value head, rows of D
+    contiguous elements."""
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape or query.shape[2] != 1:
+        return False
+    b, hq, _, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    return (key.shape[0] == b and key.shape[3] == d and d % 32 == 0 and d <= ATTENTION_MAX_HEAD_DIM and length > 0
+            and hq % hkv == 0 and hq // hkv <= ATTENTION_MAX_GROUP and key.stride(3) == 1 and value.stride(3) == 1
+            and all(t.dtype == torch.bfloat16 for t in (query, key, value))
+            and not any(t.requires_grad and torch.is_grad_enabled() for t in (query, key, value))
+            and usable(query, key, value))
+
+
+def attention_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one query position, grouped-query heads, no mask (a decode step attends to
+    every cached position). query [B, Hq, 1, D] -> [B, 1, Hq, D] bf16 (the layout attention functions return)."""
+    b, hq, _, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    q = query.reshape(b, hq, d).contiguous()
+    out = torch.empty(b, 1, hq, d, dtype=torch.bfloat16)
+    ks, vs = key.stride(), value.stride()
+    library().grace_attention_decode(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), b, hq, hkv, length, d,
+                                     ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], float(scale), _threads())
+    return out
+
+
+# -- RMSNorm of a few rows -------------------------------------------------------------------------------
+
+RMS_NORM_MAX_ELEMENTS = 1 << 15      # one thread: beyond a decode step's rows torch's two threads are faster
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)).to(bf16) over the last dim, x and weight bf16 on the CPU."""
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    h = x.shape[-1]
+    library().grace_rms_norm(xc.data_ptr(), weight.data_ptr(), out.data_ptr(), xc.numel() // h, h, float(eps))
+    return out

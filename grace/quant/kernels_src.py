@@ -5,17 +5,29 @@ Kept in a .py file so it ships inside the package with no package-data configura
 
 SOURCE = r"""
 // GRACE CPU kernels (compiled at first use by grace/quant/kernels.py; AVX-512 with BF16 dot products).
-// All GEMVs take bf16 activations x [M, K] and write fp32 y [M, N]; accumulation is fp32 throughout.
+// All GEMVs take bf16 activations x [M, K] and write y [M, N] in fp32 or bf16 (flag yb); accumulation is fp32 throughout.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
+// fp32 -> bf16, round to nearest even (NaN stays a quiet NaN), as torch converts
+static inline uint16_t f_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+// the GEMVs write fp32, or bf16 (the same fp32 value rounded) where the caller wants its output dtype directly
+static inline void put(void *y, int yb, int64_t i, float v) {
+    if (yb) ((uint16_t *)y)[i] = f_to_bf16(v); else ((float *)y)[i] = v;
+}
 static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 2; }
+int grace_kernels_version(void) { return 8; }
 #define ALWAYS static inline __attribute__((always_inline))
+#define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
 
 // ---- dequantize rows n0 .. n0+rows-1 into bf16 [rows, K], as the modules' dequantize(): one rounding to
@@ -24,6 +36,13 @@ int grace_kernels_version(void) { return 2; }
 static inline void store_bf16_x32(uint16_t *o, __m512 lo, __m512 hi) {
     _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
+// The dequantizers write their buffer with non-temporal stores where it is 64-byte aligned: the buffer was
+// evicted by the GEMM that read it last time, and ordinary stores would first read every line back from DRAM
+// (measured: dequantizing 2M weights right after a 256-row GEMM took 0.28 ms instead of 0.08 ms).
+static inline void put_bf16_x32(uint16_t *o, __m512 lo, __m512 hi, int stream) {
+    __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    if (stream) _mm512_stream_si512((__m512i *)o, v); else _mm512_storeu_si512(o, v);
+}
 
 // Tiled layouts (see quant/int8.py and quant/int4.py): the weights of 8 output rows are one contiguous
 // stream, so the GEMVs read DRAM sequentially (row-major storage made every row of a tile its own stream,
@@ -31,54 +50,78 @@ static inline void store_bf16_x32(uint16_t *o, __m512 lo, __m512 hi) {
 //   int8: q [N/8][G][8][gs] int8, s [N/8][G][8] bf16          W[n, k] = q * s
 //   int4: p [N/8][K/128][8][64] bytes (nibble t of 16-bit lane j of a row's 64 bytes = column 4j + t of that
 //         128-column chunk), sz [N/8][G][8][2] bf16          W[n, k] = (c - 8) * s + z
+// Both dequantizers walk the weights in storage order (tile by tile, the 8 rows of a tile within each group or
+// chunk), so cold weights stream from DRAM as the GEMVs read them; rows outside [n0, n0 + rows) are skipped.
 void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t N, int64_t K, int64_t gs,
-                        int64_t n0, int64_t rows, int nt) {
+                        int64_t n0, int64_t rows, int nt, int stream) {
     int64_t G = K / gs;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t n = n0; n < n0 + rows; n++)
+    stream = stream && ((uintptr_t)out & 63) == 0;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+    for (int64_t b = n0 / 8; b < (n0 + rows + 7) / 8; b++)
         for (int64_t g = 0; g < G; g++) {
-            int64_t tile = ((n / 8) * G + g) * 8 + n % 8;
-            __m512 sv = _mm512_set1_ps(bf16_to_f(s[tile]));
-            const int8_t *qg = q + tile * gs;
-            uint16_t *o = out + (n - n0) * K + g * gs;
-            for (int64_t j = 0; j < gs; j += 32) {
-                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j))));
-                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j + 16))));
-                store_bf16_x32(o + j, _mm512_mul_ps(w0, sv), _mm512_mul_ps(w1, sv));
+            const int8_t *blk = q + (b * G + g) * 8 * gs;
+            for (int64_t o = 0; o < 8 * gs; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 8 * gs + o), _MM_HINT_T0);
+            for (int r = 0; r < 8; r++) {
+                int64_t n = b * 8 + r;
+                if (n < n0 || n >= n0 + rows) continue;
+                __m512 sv = _mm512_set1_ps(bf16_to_f(s[(b * G + g) * 8 + r]));
+                const int8_t *qg = blk + r * gs;
+                uint16_t *o = out + (n - n0) * K + g * gs;
+                for (int64_t j = 0; j < gs; j += 32) {
+                    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j))));
+                    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j + 16))));
+                    put_bf16_x32(o + j, _mm512_mul_ps(w0, sv), _mm512_mul_ps(w1, sv), stream);
+                }
             }
         }
+    _mm_sfence();
+    }
 }
 
+// columns 2i and 2i+1 of 32 come from one byte: its low and high nibble. A byte's two codes go through a
+// 16-entry table of c - 8 (vpermps reads only an index's low 4 bits, so no masking), one fma each with the
+// group's scale and offset ((c - 8) * s is exact, so the fma rounds once, like fp32 torch), then both halves
+// are rounded to bf16 together and interleaved back into column order.
+static const int16_t INTERLEAVE_32[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
 void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t N, int64_t K, int64_t gs,
-                        int64_t n0, int64_t rows, int nt) {
+                        int64_t n0, int64_t rows, int nt, int stream) {
     int64_t G = K / gs, C = K / 128;
-    const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
-    // 8 bytes hold columns 16c .. 16c+15: even columns in the low nibbles, odd ones in the high nibbles
-    const __m512i even = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t n = n0; n < n0 + rows; n++)
-        for (int64_t g = 0; g < G; g++) {
-            const uint16_t *sg = sz + (((n / 8) * G + g) * 8 + n % 8) * 2;
-            __m512 sv = _mm512_set1_ps(bf16_to_f(sg[0])), zv = _mm512_set1_ps(bf16_to_f(sg[1]));
-            uint16_t *o = out + (n - n0) * K + g * gs;
-            for (int64_t j = 0; j < gs; j += 32) {
-                int64_t col = g * gs + j;
-                const uint8_t *pc = p + (((n / 8) * C + col / 128) * 8 + n % 8) * 64 + (col % 128) / 2;
-                __m512 w[2];
-                for (int h = 0; h < 2; h++) {
-                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pc + 8 * h)));
-                    __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(even, bytes), shift), low);
-                    // (c - 8) * s is exact, so mul + add rounds once, like fp32 torch (and like an fma)
-                    w[h] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, eight)), sv), zv);
+    const __m512 table = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+    const __m512i inter = _mm512_loadu_si512(INTERLEAVE_32);
+    stream = stream && ((uintptr_t)out & 63) == 0;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+    for (int64_t b = n0 / 8; b < (n0 + rows + 7) / 8; b++)
+        for (int64_t c = 0; c < C; c++) {
+            const uint8_t *blk = p + (b * C + c) * 512;                       // 8 rows x 128 columns
+            for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 2 * 512 + o), _MM_HINT_T0);
+            const uint16_t *sg = sz + (b * G + c * 128 / gs) * 16;
+            for (int r = 0; r < 8; r++) {
+                int64_t n = b * 8 + r;
+                if (n < n0 || n >= n0 + rows) continue;
+                __m512 sv = _mm512_set1_ps(bf16_to_f(sg[2 * r])), zv = _mm512_set1_ps(bf16_to_f(sg[2 * r + 1]));
+                uint16_t *o = out + (n - n0) * K + c * 128;
+                for (int h = 0; h < 4; h++) {
+                    __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 * r + 16 * h)));
+                    __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(d, table), sv, zv);
+                    __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), sv, zv);
+                    __m512i w = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+                    __m512i v = _mm512_permutexvar_epi16(inter, w);
+                    if (stream) _mm512_stream_si512((__m512i *)(o + 32 * h), v); else _mm512_storeu_si512(o + 32 * h, v);
                 }
-                store_bf16_x32(o + j, w[0], w[1]);
             }
         }
+    _mm_sfence();
+    }
 }
 
 // ---- bf16: y[m, n] = sum_k x[m, k] w[n, k]; tiles of R output rows x MM activation rows -------------
-ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *w, float *y, int64_t N, int64_t K,
+ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *w, void *y, int yb, int64_t N, int64_t K,
                       int64_t n0, int64_t m0, const int MM, const int R) {
     __m512 acc[4][8];
     for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
@@ -90,22 +133,22 @@ ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *w, float *y, int64_t N,
             for (int i = 0; i < MM; i++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv[i], wv);
         }
     }
-    for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) y[(m0 + i) * N + n0 + r] = _mm512_reduce_add_ps(acc[i][r]);
+    for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) put(y, yb, (m0 + i) * N + n0 + r, _mm512_reduce_add_ps(acc[i][r]));
 }
 
-void grace_gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int nt) {
+void grace_gemv_bf16(const uint16_t *x, const uint16_t *w, void *y, int64_t M, int64_t N, int64_t K, int nt, int yb) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < (N + 3) / 4; b++) {
         int64_t n0 = b * 4;
         if (M == 1 && (b & 1) && n0 + 4 <= N) continue;      // one row: 8-row tiles, as for int4 below
-        if (M == 1 && n0 + 8 <= N) { bf16_tile(x, w, y, N, K, n0, 0, 1, 8); continue; }
+        if (M == 1 && n0 + 8 <= N) { bf16_tile(x, w, y, yb, N, K, n0, 0, 1, 8); continue; }
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             int64_t mm = M - m0 < 4 ? M - m0 : 4;
             if (n0 + 4 <= N) {
-#define BF16_CALL(T) bf16_tile(x, w, y, N, K, n0, m0, T, 4)
+#define BF16_CALL(T) bf16_tile(x, w, y, yb, N, K, n0, m0, T, 4)
                 FOR_M(mm, BF16_CALL);
             } else {
-                for (int64_t n = n0; n < N; n++) for (int64_t m = m0; m < m0 + mm; m++) bf16_tile(x, w, y, N, K, n, m, 1, 1);
+                for (int64_t n = n0; n < N; n++) for (int64_t m = m0; m < m0 + mm; m++) bf16_tile(x, w, y, yb, N, K, n, m, 1, 1);
             }
         }
     }
@@ -113,8 +156,7 @@ void grace_gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t M, 
 
 // ---- int8 tiles: per tile, group and row, the codes (exact in bf16) are converted 32 at a time and met with
 // one bf16 dot product per activation row; each group's sum is scaled in fp32. MM activation rows per pass.
-#define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
-ALWAYS void int8_tile(const uint16_t *x, const int8_t *q, const uint16_t *s, float *y, int64_t N, int64_t K,
+ALWAYS void int8_tile(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int yb, int64_t N, int64_t K,
                       int64_t gs, int64_t b, int64_t m0, const int MM) {
     __m512 tot[4][8];       // registers at MM = 1; more rows spill to L1, which their reuse of the codes repays
     for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) tot[i][r] = _mm512_setzero_ps();
@@ -143,16 +185,16 @@ ALWAYS void int8_tile(const uint16_t *x, const int8_t *q, const uint16_t *s, flo
             for (int i = 0; i < MM; i++) tot[i][r] = _mm512_fmadd_ps(_mm512_add_ps(a[i][0], a[i][1]), sv, tot[i][r]);
         }
     }
-    for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) y[(m0 + i) * N + b * 8 + r] = _mm512_reduce_add_ps(tot[i][r]);
+    for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) put(y, yb, (m0 + i) * N + b * 8 + r, _mm512_reduce_add_ps(tot[i][r]));
 }
 
-void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, float *y, int64_t M, int64_t N, int64_t K,
-                     int64_t gs, int nt) {
+void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N, int64_t K,
+                     int64_t gs, int nt, int yb) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < N / 8; b++)
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             int64_t mm = M - m0 < 4 ? M - m0 : 4;
-#define I8_CALL(T) int8_tile(x, q, s, y, N, K, gs, b, m0, T)
+#define I8_CALL(T) int8_tile(x, q, s, y, yb, N, K, gs, b, m0, T)
             FOR_M(mm, I8_CALL);
         }
 }
@@ -161,7 +203,7 @@ void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, floa
 // vector without conversion: sum_k W x = s * sum (128 + c) x - (136 s - z) * sum x   (x pre-permuted to the
 // nibble order). R rows of the tile (from r0) x MM activation rows per pass keep the sums in registers.
 #define NIB(v, sh) ((__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, sh), low, magic, 0xEA))  // (v>>sh & 15) | magic
-ALWAYS void int4_tile(const uint16_t *xp, const float *sx, const uint8_t *p, const uint16_t *sz, float *y, int64_t N,
+ALWAYS void int4_tile(const uint16_t *xp, const float *sx, const uint8_t *p, const uint16_t *sz, void *y, int yb, int64_t N,
                       int64_t K, int64_t gs, int64_t b, int64_t m0, const int MM, const int R, const int r0) {
     const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
     __m512 tot[2][8];
@@ -202,11 +244,11 @@ ALWAYS void int4_tile(const uint16_t *xp, const float *sx, const uint8_t *p, con
         }
     }
     for (int i = 0; i < MM; i++)
-        for (int r = 0; r < R; r++) y[(m0 + i) * N + b * 8 + r0 + r] = _mm512_reduce_add_ps(tot[i][r]) + off[i][r];
+        for (int r = 0; r < R; r++) put(y, yb, (m0 + i) * N + b * 8 + r0 + r, _mm512_reduce_add_ps(tot[i][r]) + off[i][r]);
 }
 
-void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, float *y, int64_t M, int64_t N, int64_t K,
-                     int64_t gs, int nt) {
+void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N, int64_t K,
+                     int64_t gs, int nt, int yb) {
     int64_t G = K / gs;
     uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * M * K);
     float *sx = (float *)malloc(sizeof(float) * M * G);
@@ -222,16 +264,114 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, fl
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < N / 8; b++) {
-        if (M == 1) { int4_tile(xp, sx, p, sz, y, N, K, gs, b, 0, 1, 8, 0); continue; }
+        if (M == 1) { int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, 0, 1, 8, 0); continue; }
         for (int64_t m0 = 0; m0 < M; m0 += 2) {      // two activation rows x half a tile per pass
             for (int r0 = 0; r0 < 8; r0 += 4) {
-                if (M - m0 >= 2) int4_tile(xp, sx, p, sz, y, N, K, gs, b, m0, 2, 4, r0);
-                else int4_tile(xp, sx, p, sz, y, N, K, gs, b, m0, 1, 4, r0);
+                if (M - m0 >= 2) int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, 2, 4, r0);
+                else int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, 1, 4, r0);
             }
         }
     }
     free(xp);
     free(sx);
+}
+// ---- attention for one query token per head (a decode step), grouped-query heads sharing a key/value head:
+// q [B, Hq, D] bf16, k / v [B, Hkv, L, D] bf16 with any batch / head / position strides (a cache that grows in
+// place hands out views), out [B, Hq, D] bf16. Query head h reads key/value head h / (Hq / Hkv). Scores, the
+// softmax and the weighted sum of values are fp32 (the scores from bf16 products, like torch's bf16 matmul),
+// and the output is rounded once to bf16. Each (batch, key/value head) reads its keys and values once.
+static inline __m512 exp_ps(__m512 x) {      // e^x for x <= 0, a few ulp: 2^n * e^r, |r| <= ln2 / 2
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);          // Cody-Waite: ln2 in two parts
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 e = _mm512_set1_ps(1.f / 5040.f);
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 720.f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 120.f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 24.f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 6.f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(e, n);
+}
+
+static inline __m512 bf16x16_to_ps(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+#define ATTN_MAX_D 256
+#define ATTN_MAX_GROUP 16
+void grace_attention_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t Hq,
+                            int64_t Hkv, int64_t L, int64_t D, int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb,
+                            int64_t vsh, int64_t vsl, float scale, int nt) {
+    int64_t G = Hq / Hkv, Lp = (L + 15) / 16 * 16;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t u = 0; u < B * Hkv; u++) {
+        int64_t b = u / Hkv, hk = u % Hkv;
+        const uint16_t *kb = k + b * ksb + hk * ksh, *vb = v + b * vsb + hk * vsh;
+        const uint16_t *qg = q + (b * Hq + hk * G) * D;
+        float *p = (float *)malloc(sizeof(float) * G * Lp);
+        float inv[ATTN_MAX_GROUP];
+        for (int64_t l = 0; l < L; l++) {
+            const uint16_t *kl = kb + l * ksl;
+            for (int64_t g = 0; g < G; g++) {
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t d = 0; d < D; d += 32)
+                    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qg + g * D + d), (__m512bh)_mm512_loadu_si512(kl + d));
+                p[g * Lp + l] = _mm512_reduce_add_ps(a) * scale;
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float *pg = p + g * Lp;
+            for (int64_t l = L; l < Lp; l++) pg[l] = -INFINITY;
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int64_t l = 0; l < Lp; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(pg + l));
+            __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+            for (int64_t l = 0; l < Lp; l += 16) {
+                __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(pg + l), m));
+                e = _mm512_mask_mov_ps(_mm512_setzero_ps(), _mm512_cmp_ps_mask(_mm512_loadu_ps(pg + l), _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), e);
+                _mm512_storeu_ps(pg + l, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+        }
+        __m512 acc[ATTN_MAX_GROUP][ATTN_MAX_D / 16];
+        for (int64_t g = 0; g < G; g++) for (int64_t d = 0; d < D / 16; d++) acc[g][d] = _mm512_setzero_ps();
+        for (int64_t l = 0; l < L; l++) {
+            const uint16_t *vl = vb + l * vsl;
+            for (int64_t d = 0; d < D / 16; d++) {
+                __m512 vv = bf16x16_to_ps(vl + 16 * d);
+                for (int64_t g = 0; g < G; g++) acc[g][d] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * Lp + l]), vv, acc[g][d]);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            uint16_t *o = out + (b * Hq + hk * G + g) * D;
+            __m512 iv = _mm512_set1_ps(inv[g]);
+            for (int64_t d = 0; d < D / 16; d += 2)
+                store_bf16_x32(o + 16 * d, _mm512_mul_ps(acc[g][d], iv), _mm512_mul_ps(acc[g][d + 1], iv));
+        }
+        free(p);
+    }
+}
+// ---- RMSNorm of a few bf16 rows, as transformers' Llama / Qwen3 RMSNorm computes it: the mean of squares in
+// fp32, x * rsqrt(mean + eps) rounded to bf16, then times the bf16 weight, rounded again. Only the order of the
+// fp32 sum differs from torch's (it can move the result by one bf16 unit, rarely).
+void grace_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t H, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * H;
+        __m512 acc = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= H; j += 16) { __m512 v = bf16x16_to_ps(xr + j); acc = _mm512_fmadd_ps(v, v, acc); }
+        float ss = _mm512_reduce_add_ps(acc);
+        for (; j < H; j++) { float v = bf16_to_f(xr[j]); ss += v * v; }
+        float inv = 1.0f / sqrtf(ss / (float)H + eps);
+        for (j = 0; j < H; j++) {
+            float normed = bf16_to_f(f_to_bf16(bf16_to_f(xr[j]) * inv));
+            out[r * H + j] = f_to_bf16(bf16_to_f(w[j]) * normed);
+        }
+    }
 }
 #else
 int grace_kernels_version(void) { return 0; }  // this CPU lacks AVX-512 BF16: the modules use torch's kernels

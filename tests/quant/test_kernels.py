@@ -89,6 +89,48 @@ def test_forward_paths_at_the_threshold(make, limit_name, in_f, out_f, group, mo
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_bf16_outputs_are_the_fp32_results_rounded(rows):
+    """The GEMVs' bf16 output is bit for bit the fp32 output rounded as .to(bfloat16) rounds it."""
+    in_f, out_f, group = 256, 72, 128
+    x = torch.randn(rows, in_f).to(torch.bfloat16)
+    m8, m4 = int8_module(in_f, out_f, group), int4_module(in_f, out_f, group)
+    w = (torch.randn(out_f, in_f) * 50).to(torch.bfloat16)
+    for call in (lambda dt: kernels.linear_int8(x, m8.qweight, m8.scales, group, out_f, dt),
+                 lambda dt: kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group, out_f, dt),
+                 lambda dt: kernels.linear_bf16(x, w, dt)):
+        assert torch.equal(call(torch.bfloat16), call(torch.float32).to(torch.bfloat16))
+    with pytest.raises(ValueError):
+        kernels.linear_bf16(x, w, torch.float16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int4", "int8", "bf16"])
+def test_the_decode_fast_path_gives_the_general_paths_bits(kind):
+    """Without a bias a decode step goes straight to the kernel with a bf16 output; with one the general path
+    adds it in fp32 and rounds once. Either way: the fp32 kernel result, rounded as .to() rounds."""
+    from grace.quant.bf16 import FastBF16Linear
+
+    in_f, out_f, group = 256, 64, 128
+    x = torch.randn(2, 1, in_f).to(torch.bfloat16)
+    if kind == "bf16":
+        with_bias = FastBF16Linear(in_f, out_f, dtype=torch.bfloat16)
+        without = FastBF16Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
+        without.weight = with_bias.weight
+        fp32 = kernels.linear_bf16(x.reshape(-1, in_f), with_bias.weight)
+    else:
+        make, gemv = (int4_module, kernels.linear_int4) if kind == "int4" else (int8_module, kernels.linear_int8)
+        with_bias, without = make(in_f, out_f, group), make(in_f, out_f, group, bias=False)   # the same codes
+        tensors = ((without.weight_packed, without.scales_and_zeros) if kind == "int4" else (without.qweight, without.scales))
+        fp32 = gemv(x.reshape(-1, in_f), *tensors, group, out_f)
+    with torch.inference_mode():
+        got, biased = without(x), with_bias(x)
+    assert got.shape == biased.shape == (2, 1, out_f) and got.dtype == biased.dtype == torch.bfloat16
+    assert torch.equal(got.reshape(-1, out_f), fp32.to(torch.bfloat16))
+    assert torch.equal(biased.reshape(-1, out_f), (fp32 + with_bias.bias.float()).to(torch.bfloat16))
+
+
+@needs_kernels
 def test_chunked_dequantized_gemm(monkeypatch):
     """Weights larger than the scratch buffer (an lm_head) go through it in row chunks."""
     module = int8_module(256, 72, 128)

@@ -1,0 +1,184 @@
+"""A CPU decode step beyond its linears: attention for the one new token, and a KV cache that grows in place.
+
+Once the linears read their weights near the memory wall (quant/kernels.py), the rest of a decode step is
+what is left, and two parts of it cost as much as a quantized layer's weights:
+
+- transformers' "sdpa" attention hands a grouped-query decode step (Qwen3-VL: 16 query heads over 8
+  key/value heads) to torch with `enable_gqa=True`, which on the CPU runs ~0.5 ms per layer for a
+  265-token cache: 16 ms of a 2B step. `decode_attention` (registered as the attention implementation
+  "grace_sdpa") runs such a step on grace's attention kernel, which reads each cached key and value once
+  (~40 us), and hands every other case (prefill, masks, training, GPUs) to transformers' own sdpa, unchanged.
+- RMSNorm (four a layer in Qwen3-VL: before attention and the MLP, on the queries and the keys) is seven
+  small torch ops, ~15 us, for one row; `rms_norm` in the kernels does it in one call, with the same roundings.
+- `DynamicCache` concatenates each layer's keys and values with the new token's at every step, copying
+  the whole cache (two per layer, 56 per 2B step). `GrowingCache` keeps them in buffers with spare room
+  and writes the new token in place; what it returns are views of the filled part, the same values.
+
+`use_cpu_decode_(model)` switches a loaded model's text attention and RMSNorms over; `cache_kwargs(model)` is what the
+generate calls in grace pass for the cache. Both are plain per-model state: nothing process-wide
+is flipped, so threads serving several models at once do not meet.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+
+from .quant import kernels
+
+ATTENTION = "grace_sdpa"
+# spare positions a growing buffer gets beyond what it holds (then it doubles): a typical answer never
+# reallocates after the prompt
+GROW_BY = 256
+
+
+def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature. One query position and no mask (a decode step attends to
+    every cached position) goes to grace's kernel; anything else to transformers' sdpa."""
+    if (attention_mask is None and not module.training and kwargs.get("position_bias") is None
+            and kwargs.get("s_aux") is None and kwargs.get("softcap") is None
+            and kernels.attention_decode_usable(query, key, value)):
+        scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+        return kernels.attention_decode(query, key, value, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, decode_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)     # the masks sdpa gets, so the fallback sees the same
+
+
+class _FastRMSNorm:
+    """transformers' Llama / Qwen3 RMSNorm, with a decode step's few bf16 rows on grace's kernel."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        w = self._parameters["weight"]
+        if (hidden_states.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and hidden_states.shape[-1] == w.shape[0]
+                and hidden_states.numel() <= kernels.RMS_NORM_MAX_ELEMENTS and hidden_states.device.type == "cpu"
+                and w.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or hidden_states.requires_grad))
+                and kernels.available()):
+            return kernels.rms_norm(hidden_states, w, self.variance_epsilon)
+        return super().forward(hidden_states)
+
+
+class FastQwen3VLTextRMSNorm(_FastRMSNorm, Qwen3VLTextRMSNorm):
+    pass
+
+
+class FastLlamaRMSNorm(_FastRMSNorm, LlamaRMSNorm):
+    pass
+
+
+FAST_RMS_NORMS = {Qwen3VLTextRMSNorm: FastQwen3VLTextRMSNorm, LlamaRMSNorm: FastLlamaRMSNorm}
+
+
+def use_cpu_decode_(model: nn.Module) -> bool:
+    """Route the causal (language-model) attention of `model` through `decode_attention` where it uses
+    sdpa, and its RMSNorms through `FAST_RMS_NORMS` (the class changes; parameters and hooks stay); a vision
+    tower keeps its own. Returns whether anything changed; a no-op where grace's kernels cannot run."""
+    if not kernels.available():
+        return False
+    changed = False
+    for module in model.modules():
+        fast = FAST_RMS_NORMS.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+            changed = True
+    configs = {id(m.config): m.config for m in model.modules()
+               if getattr(m, "is_causal", False) and hasattr(m, "num_key_value_groups") and hasattr(m, "config")}
+    for config in configs.values():
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            config._attn_implementation = ATTENTION
+            changed = True
+    return changed
+
+
+def _holds(buffer: torch.Tensor | None, held: torch.Tensor, new: torch.Tensor) -> bool:
+    """Whether `held` is the filled front of `buffer`, with room after it for `new`."""
+    if buffer is None or buffer.dtype != new.dtype or buffer.device != new.device:
+        return False
+    if buffer.shape[:-2] != new.shape[:-2] or buffer.shape[-1] != new.shape[-1]:
+        return False
+    filled = held.shape[-2] if held.dim() == 4 else 0
+    if filled and (held.data_ptr() != buffer.data_ptr() or held.stride() != buffer.stride()
+                   or held.shape[:-2] != buffer.shape[:-2]):
+        return False
+    return filled + new.shape[-2] <= buffer.shape[-2]
+
+
+def _append(buffer: torch.Tensor | None, held: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer, held ++ new along positions as a view of buffer), reallocating when there is no room or
+    `held` is not the buffer's front any more (cropped, reordered or replaced by other cache code)."""
+    filled = held.shape[-2] if held.dim() == 4 else 0
+    need = filled + new.shape[-2]
+    if not _holds(buffer, held, new):
+        capacity = max(need + GROW_BY, 2 * filled)
+        buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+        if filled:
+            buffer[..., :filled, :].copy_(held)
+    buffer[..., filled:need, :].copy_(new)
+    return buffer, buffer[..., :need, :]
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of buffers with spare room (see the module doc)."""
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._key_buffer, self.keys = _append(self._key_buffer, self.keys, key_states)
+        self._value_buffer, self.values = _append(self._value_buffer, self.values, value_states)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+class GrowingCache(DynamicCache):
+    """DynamicCache with GrowingLayer in place of every DynamicLayer (sliding-window layers stay as they are)."""
+
+    def __init__(self, config=None):
+        super().__init__(config=config)
+        if self.layer_class_to_replicate is DynamicLayer:
+            self.layer_class_to_replicate = GrowingLayer
+        for layer in self.layers:
+            if type(layer) is DynamicLayer:
+                layer.__class__ = GrowingLayer
+
+
+def new_cache(model: nn.Module) -> GrowingCache:
+    """A fresh cache for one generate call of `model`."""
+    return GrowingCache(config=getattr(model, "config", None))
+
+
+def cache_kwargs(model: nn.Module) -> dict:
+    """{keyword: new_cache(model)} for `model.generate`: transformers 5 renamed `past_key_values` to `cache`
+    (the old name warns); the model's forward says which one this version takes."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: new_cache(model)}
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a GrowingCache holds (its buffers, spare room included)."""
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for name in ("_key_buffer", "_value_buffer"):
+            buf = getattr(layer, name, None)
+            if buf is not None:
+                total += buf.numel() * buf.element_size()
+    return total

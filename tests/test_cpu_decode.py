@@ -1,0 +1,238 @@
+"""grace/cpu_decode.py: the decode-step attention kernel against fp64 attention, its fallback to transformers'
+sdpa, the switch on a model, and GrowingCache against DynamicCache."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from grace import chat, cpu_decode
+from grace.quant import kernels
+from grace.tiny import tiny_qwen3vl
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="grace's CPU kernels need x86-64 AVX-512 BF16 and cc")
+
+
+def _attention_fp64(q, k, v, scale):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, dim=1), v.double().repeat_interleave(group, dim=1)
+    p = torch.softmax(q.double() @ k.transpose(-1, -2) * scale, dim=-1)
+    return (p @ v).transpose(1, 2)                                  # [B, 1, Hq, D]
+
+
+def _ulps(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """|x - ref| in units of bf16's last place at ref."""
+    ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
+    return (x.double() - ref).abs() / ulp
+
+
+def _cache_view(b, h, length, d, spare=7):
+    """Keys / values as a growing cache hands them out: views of a longer buffer."""
+    return (torch.randn(b, h, length + spare, d) * 2).to(torch.bfloat16)[:, :, :length]
+
+
+class _Attention(nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = groups, True
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,hq,hkv,length,d", [(1, 16, 8, 265, 128), (2, 8, 8, 37, 64), (1, 14, 2, 1, 32),
+                                                (1, 16, 1, 300, 256), (3, 4, 2, 17, 96)])
+def test_attention_kernel_is_correctly_rounded_fp64_attention(b, hq, hkv, length, d):
+    """Scores, softmax and the value sum are fp32 throughout: the bf16 output is the fp64 result rounded
+    (at most one unit in the last place off, and only rarely)."""
+    torch.manual_seed(length)
+    q = torch.randn(b, hq, 1, d).to(torch.bfloat16)
+    k, v = _cache_view(b, hkv, length, d), _cache_view(b, hkv, length, d)
+    scale = d ** -0.5
+    assert kernels.attention_decode_usable(q, k, v)
+    out = kernels.attention_decode(q, k, v, scale)
+    ref = _attention_fp64(q, k, v, scale)
+    assert out.shape == (b, 1, hq, d) and out.dtype == torch.bfloat16
+    ulps = _ulps(out, ref)
+    assert ulps.max() <= 1.0 and (ulps > 0.5).double().mean() < 0.02
+    torch_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).transpose(1, 2)
+    assert (out.double() - ref).abs().mean() <= (torch_out.double() - ref).abs().mean()
+
+
+@needs_kernels
+def test_attention_kernel_handles_peaked_and_flat_scores():
+    """Huge scores (one key takes all the weight) and equal scores (a plain mean) stay finite and exact."""
+    d = 64
+    k = torch.randn(1, 2, 50, d).to(torch.bfloat16)
+    v = torch.randn(1, 2, 50, d).to(torch.bfloat16)
+    q = (k[:, :, 7:8] * 40).repeat_interleave(2, dim=1)                   # query heads 0,1 -> kv head 0, ...
+    out = kernels.attention_decode(q, k, v, 1.0)
+    assert torch.isfinite(out).all()
+    ref = _attention_fp64(q, k, v, 1.0)
+    assert _ulps(out, ref).max() <= 1.0
+    flat = kernels.attention_decode(torch.zeros(1, 2, 1, d, dtype=torch.bfloat16), k, v, 1.0)
+    assert _ulps(flat, v.double().mean(dim=2, keepdim=True).transpose(1, 2)).max() <= 1.0
+
+
+@needs_kernels
+def test_attention_kernel_is_safe_from_many_threads():
+    q = torch.randn(2, 8, 1, 128).to(torch.bfloat16)
+    k, v = _cache_view(2, 4, 200, 128), _cache_view(2, 4, 200, 128)
+    expected = kernels.attention_decode(q, k, v, 0.1)
+    results = [None] * 6
+
+    def work(i):
+        for _ in range(20):
+            results[i] = kernels.attention_decode(q, k, v, 0.1)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, expected) for r in results)
+
+
+def test_usable_only_for_what_the_kernel_takes():
+    q, k = torch.randn(1, 4, 1, 64).to(torch.bfloat16), torch.randn(1, 2, 9, 64).to(torch.bfloat16)
+    assert not kernels.attention_decode_usable(q.float(), k.float(), k.float())        # fp32
+    assert not kernels.attention_decode_usable(torch.randn(1, 4, 2, 64).to(torch.bfloat16), k, k)   # two query rows
+    assert not kernels.attention_decode_usable(q[..., :48], k[..., :48], k[..., :48])  # head dim not a multiple of 32
+    assert not kernels.attention_decode_usable(torch.randn(1, 3, 1, 64).to(torch.bfloat16), k, k)   # 3 heads over 2
+    assert not kernels.attention_decode_usable(q, k[:, :, :0], k[:, :, :0])           # nothing cached
+    assert not kernels.attention_decode_usable(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), k)
+    with torch.enable_grad():
+        assert not kernels.attention_decode_usable(q.requires_grad_(), k, k)
+
+
+@pytest.mark.parametrize("case", ["prefill", "mask", "training"])
+def test_everything_but_a_decode_step_is_transformers_sdpa(case):
+    torch.manual_seed(0)
+    module = _Attention(2)
+    rows = 5 if case == "prefill" else 1
+    q = torch.randn(1, 4, rows, 64).to(torch.bfloat16)
+    k, v = torch.randn(1, 2, 9, 64).to(torch.bfloat16), torch.randn(1, 2, 9, 64).to(torch.bfloat16)
+    mask = torch.ones(1, 1, rows, 9, dtype=torch.bool) if case == "mask" else None
+    if case == "mask":
+        mask[..., 3] = False
+    module.train(case == "training")
+    got, _ = cpu_decode.decode_attention(module, q, k, v, mask, scaling=0.125)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)
+    assert torch.equal(got, want)
+
+
+def _tiny(dtype=torch.bfloat16):
+    model, processor = tiny_qwen3vl(seed=3, dtype=dtype)
+    return model, processor
+
+
+@needs_kernels
+def test_use_cpu_decode_switches_the_language_model_only():
+    model, _ = _tiny()
+    assert cpu_decode.use_cpu_decode_(model)
+    assert model.config.text_config._attn_implementation == cpu_decode.ATTENTION
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert not cpu_decode.use_cpu_decode_(model)                      # already done
+
+
+def _greedy(model, ids, n, **kwargs):
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences[0, ids.shape[1]:], torch.stack(out.scores)
+
+
+@needs_kernels
+def test_a_model_on_the_decode_kernel_matches_transformers_sdpa():
+    model, _ = _tiny()
+    ids = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref_tokens, ref_scores = _greedy(model, ids, 12)
+        cpu_decode.use_cpu_decode_(model)
+        tokens, scores = _greedy(model, ids, 12, **cpu_decode.cache_kwargs(model))
+    assert torch.equal(tokens, ref_tokens)
+    finite = torch.isfinite(ref_scores)                                # (min_new_tokens masks the end token)
+    assert torch.equal(finite, torch.isfinite(scores))
+    assert (scores - ref_scores)[finite].abs().max() < 0.05 * ref_scores[finite].abs().max()
+
+
+@pytest.mark.parametrize("grow_by", [cpu_decode.GROW_BY, 3])
+def test_growing_cache_gives_dynamic_cache_results_bit_for_bit(monkeypatch, grow_by):
+    """The same tokens and scores, whether the buffers have room or reallocate every few steps."""
+    monkeypatch.setattr(cpu_decode, "GROW_BY", grow_by)
+    model, _ = _tiny(torch.float32)
+    ids = torch.randint(5, 500, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref_tokens, ref_scores = _greedy(model, ids, 20, **{next(iter(cpu_decode.cache_kwargs(model))): DynamicCache()})
+        cache = cpu_decode.cache_kwargs(model)
+        tokens, scores = _greedy(model, ids, 20, **cache)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores)
+    layer = next(iter(cache.values())).layers[0]
+    assert isinstance(layer, cpu_decode.GrowingLayer) and layer.keys.shape[-2] == 9 + 19
+    assert layer.keys.data_ptr() == layer._key_buffer.data_ptr()       # a view, not a copy
+
+
+def test_growing_cache_after_crop_and_reorder():
+    """Cache code that crops (assisted decoding) or reorders (beam search) the keys keeps working: the next
+    update lands after what is held, never after stale buffer contents."""
+    layer = cpu_decode.GrowingLayer()
+    first = torch.arange(2 * 1 * 6 * 4, dtype=torch.float32).reshape(2, 1, 6, 4)
+    layer.update(first, first + 1000)
+    layer.crop(-2)
+    keys, values = layer.update(torch.full((2, 1, 1, 4), -1.0), torch.full((2, 1, 1, 4), -2.0))
+    assert torch.equal(keys, torch.cat([first[:, :, :4], torch.full((2, 1, 1, 4), -1.0)], dim=2))
+    assert torch.equal(values[:, :, :4], first[:, :, :4] + 1000)
+    layer.batch_select_indices(torch.tensor([1]))
+    keys, _ = layer.update(torch.full((1, 1, 1, 4), 7.0), torch.full((1, 1, 1, 4), 7.0))
+    expected = torch.cat([first[1:, :, :4], torch.full((1, 1, 1, 4), -1.0), torch.full((1, 1, 1, 4), 7.0)], dim=2)
+    assert torch.equal(keys, expected)
+
+
+def test_beam_search_on_a_growing_cache_matches_dynamic_cache():
+    model, _ = _tiny(torch.float32)
+    ids = torch.randint(5, 500, (1, 7), generator=torch.Generator().manual_seed(4))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    key = next(iter(cpu_decode.cache_kwargs(model)))
+    with torch.inference_mode():
+        assert torch.equal(model.generate(**kw, **{key: DynamicCache()}), model.generate(**kw, **cpu_decode.cache_kwargs(model)))
+
+
+def test_cache_bytes_counts_each_buffer_once_with_its_spare_room():
+    layer = cpu_decode.GrowingLayer()
+    layer.update(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8))
+    cache = DynamicCache()
+    cache.layers = [layer]
+    held = 2 * (1 * 2 * (5 + cpu_decode.GROW_BY) * 8 * 4)
+    assert chat.cache_bytes(cache) == held == cpu_decode.cache_bytes(cache)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (1, 1, 16, 128), (3, 200), (2, 5, 24)])
+def test_rms_norm_kernel_matches_transformers_rms_norm(shape):
+    """The same roundings as transformers' RMSNorm; only the fp32 sum's order differs (one bf16 unit, rarely)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+
+    torch.manual_seed(shape[-1])
+    norm = Qwen3VLTextRMSNorm(shape[-1], eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1]) * 0.5 + 1)
+    x = (torch.randn(shape) * 3).to(torch.bfloat16)
+    ref = norm(x)
+    got = kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.shape == ref.shape and got.dtype == torch.bfloat16
+    assert (got != ref).double().mean() < 0.002 and _ulps(got, ref.double()).max() <= 1.0
+
+
+@needs_kernels
+def test_fast_rms_norm_takes_a_decode_step_only():
+    model, _ = _tiny()
+    cpu_decode.use_cpu_decode_(model)
+    norms = [m for m in model.modules() if isinstance(m, cpu_decode._FastRMSNorm)]
+    assert len(norms) == 4 * 2 + 1                                      # 2 layers x (input, post, q, k) + final
+    norm = norms[0]
+    plain = type(norm).__mro__[2]
+    x = torch.randn(1, 1, norm.weight.shape[0]).to(torch.bfloat16)
+    assert torch.equal(norm(x), plain.forward(norm, x))
+    big = torch.randn(1, kernels.RMS_NORM_MAX_ELEMENTS // x.shape[-1] + 1, x.shape[-1]).to(torch.bfloat16)
+    assert torch.equal(norm(big), plain.forward(norm, big))             # torch's own path, unchanged
+    assert torch.equal(norm(x.float()), plain.forward(norm, x.float()))
