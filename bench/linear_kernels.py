@@ -7,7 +7,8 @@ lm_head 2048→151936) and each number of rows M, all variants are timed interle
 
   bf16      torch F.linear (oneDNN, the default) · F.linear with oneDNN switched off (a process-wide
             flag: fine in a benchmark, not in a server) · grace's bf16 GEMV (FastBF16Linear)
-  ours      Int8Linear / Int4Linear, each path forced: the GEMV and the dequantize + bf16 GEMM
+  ours      Int8Linear / Int4Linear, each path forced: grace's kernel (the GEMV for a few rows, the tile GEMM
+            for more: kernels.INT8_GEMV_MAX_ROWS / INT4_GEMV_MAX_ROWS) and the dequantize + bf16 GEMM
   peers     torch's per-row int8 `_weight_int8pack_mm` and int4 `_weight_int4pack_mm_for_cpu`,
             torchao (Int8WeightOnlyConfig, PrototypeInt4WeightOnlyConfig), optimum-quanto
             (qint8, qint4): each only if installed (optional bench dependencies)
@@ -49,12 +50,12 @@ SHAPES = [(2048, 2048), (2048, 1024), (2048, 6144), (6144, 2048)]
 HEAD = (2048, 151_936)
 COLD_BYTES = 256 << 20
 BIG = 1 << 30
-GEMV_MAX_M = 64          # GEMV variants are not timed above this (they are far behind by then)
+GEMV_MAX_M = 96          # grace's kernel variants are not timed above this (its largest default: KERNEL_MAX_ROWS)
 NO_ONEDNN_MAX_M = 8      # nor F.linear with oneDNN off (2-4x behind oneDNN from M = 4 on; minutes at M = 256)
 BF16 = ("bf16_onednn", "bf16_no_onednn", "bf16_grace")
 LABEL = {"bf16_onednn": "bf16 F.linear (oneDNN)", "bf16_no_onednn": "bf16 F.linear, oneDNN off",
-         "bf16_grace": "bf16 grace GEMV", "int8_gemv": "grace INT8 GEMV", "int8_dequant": "grace INT8 dequant+GEMM",
-         "int4_gemv": "grace INT4 GEMV", "int4_dequant": "grace INT4 dequant+GEMM",
+         "bf16_grace": "bf16 grace GEMV", "int8_gemv": "grace INT8 kernel (GEMV / tile GEMM)", "int8_dequant": "grace INT8 dequant+GEMM",
+         "int4_gemv": "grace INT4 kernel (GEMV / tile GEMM)", "int4_dequant": "grace INT4 dequant+GEMM",
          "torch_int8_row": "torch per-row int8", "torch_int4": "torch int4 (tinygemm CPU)",
          "ao_int8": "torchao int8", "ao_int4": "torchao int4", "quanto_qint8": "quanto qint8", "quanto_qint4": "quanto qint4"}
 
@@ -182,8 +183,10 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
             errors[name] = ((fn().double() - reference).norm() / reference.norm()).item()
         row = {"in": k, "out": n, "m": m, "load": load, "time": {key: U.summary(v) for key, v in samples.items()},
                "bytes": {name: bytes_of[_bytes_key(name)] for name in fns}, "rel_error_vs_bf16_layer": errors,
-               "default_path": {"int8": "gemv" if m <= q8.KERNEL_MAX_ROWS else "dequant",
-                                "int4": "gemv" if m <= q4.KERNEL_MAX_ROWS else "dequant",
+               "default_path": {"int8": ("gemv" if m <= kernels.INT8_GEMV_MAX_ROWS else "tile gemm")
+                                if m <= q8.KERNEL_MAX_ROWS else "dequant",
+                                "int4": ("gemv" if m <= kernels.INT4_GEMV_MAX_ROWS else "tile gemm")
+                                if m <= q4.KERNEL_MAX_ROWS else "dequant",
                                 "bf16_grace": "gemv" if m <= qb.KERNEL_MAX_ROWS else "F.linear (oneDNN)"}}
         best_bf16 = min((name for name in BF16 if name in samples), key=lambda name: row["time"][name]["median_s"])
         row["best_bf16"] = best_bf16
@@ -270,7 +273,7 @@ def render(res) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     U.add_common_args(parser)
-    parser.add_argument("--ms", default=None, help="comma-separated row counts (default 1,2,4,8,16,32,64,256)")
+    parser.add_argument("--ms", default=None, help="comma-separated row counts (default 1,2,4,8,16,32,64,96,256)")
     parser.add_argument("--no-head", action="store_true", help="skip the 2048→151936 lm_head shape")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--render", type=Path, default=None, help="only re-render the tables of a results JSON")
@@ -281,7 +284,7 @@ def main(argv=None) -> dict:
         return res
     U.apply_args(args)
     info = U.machine_info()
-    ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 256])
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 96, 256])
     shapes = SHAPES[2:3] if args.quick else SHAPES + ([] if args.no_head else [HEAD])
     rounds = args.rounds or (3 if args.quick else 7)
     print(f"machine: {U.machine_line(info)}; kernels available: {kernels.available()}", file=sys.stderr)

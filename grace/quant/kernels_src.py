@@ -25,7 +25,7 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 8; }
+int grace_kernels_version(void) { return 9; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
@@ -52,31 +52,25 @@ static inline void put_bf16_x32(uint16_t *o, __m512 lo, __m512 hi, int stream) {
 //         128-column chunk), sz [N/8][G][8][2] bf16          W[n, k] = (c - 8) * s + z
 // Both dequantizers walk the weights in storage order (tile by tile, the 8 rows of a tile within each group or
 // chunk), so cold weights stream from DRAM as the GEMVs read them; rows outside [n0, n0 + rows) are skipped.
-void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t N, int64_t K, int64_t gs,
-                        int64_t n0, int64_t rows, int nt, int stream) {
+// One tile b, rows n0 .. n0+rows-1 of the weight only, into out (row n at out + (n - n0) * ostride).
+ALWAYS void int8_tile_to_bf16(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t ostride, int64_t K,
+                              int64_t gs, int64_t b, int64_t n0, int64_t rows, int stream) {
     int64_t G = K / gs;
-    stream = stream && ((uintptr_t)out & 63) == 0;
-#pragma omp parallel num_threads(nt)
-    {
-#pragma omp for schedule(static) nowait
-    for (int64_t b = n0 / 8; b < (n0 + rows + 7) / 8; b++)
-        for (int64_t g = 0; g < G; g++) {
-            const int8_t *blk = q + (b * G + g) * 8 * gs;
-            for (int64_t o = 0; o < 8 * gs; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 8 * gs + o), _MM_HINT_T0);
-            for (int r = 0; r < 8; r++) {
-                int64_t n = b * 8 + r;
-                if (n < n0 || n >= n0 + rows) continue;
-                __m512 sv = _mm512_set1_ps(bf16_to_f(s[(b * G + g) * 8 + r]));
-                const int8_t *qg = blk + r * gs;
-                uint16_t *o = out + (n - n0) * K + g * gs;
-                for (int64_t j = 0; j < gs; j += 32) {
-                    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j))));
-                    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j + 16))));
-                    put_bf16_x32(o + j, _mm512_mul_ps(w0, sv), _mm512_mul_ps(w1, sv), stream);
-                }
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t *blk = q + (b * G + g) * 8 * gs;
+        for (int64_t o = 0; o < 8 * gs; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 8 * gs + o), _MM_HINT_T0);
+        for (int r = 0; r < 8; r++) {
+            int64_t n = b * 8 + r;
+            if (n < n0 || n >= n0 + rows) continue;
+            __m512 sv = _mm512_set1_ps(bf16_to_f(s[(b * G + g) * 8 + r]));
+            const int8_t *qg = blk + r * gs;
+            uint16_t *o = out + (n - n0) * ostride + g * gs;
+            for (int64_t j = 0; j < gs; j += 32) {
+                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j))));
+                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j + 16))));
+                put_bf16_x32(o + j, _mm512_mul_ps(w0, sv), _mm512_mul_ps(w1, sv), stream);
             }
         }
-    _mm_sfence();
     }
 }
 
@@ -87,49 +81,62 @@ void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64
 static const int16_t INTERLEAVE_32[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
-void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t N, int64_t K, int64_t gs,
-                        int64_t n0, int64_t rows, int nt, int stream) {
+ALWAYS void int4_tile_to_bf16(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t ostride, int64_t K,
+                              int64_t gs, int64_t b, int64_t n0, int64_t rows, int stream) {
     int64_t G = K / gs, C = K / 128;
     const __m512 table = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
     const __m512i inter = _mm512_loadu_si512(INTERLEAVE_32);
-    stream = stream && ((uintptr_t)out & 63) == 0;
-#pragma omp parallel num_threads(nt)
-    {
-#pragma omp for schedule(static) nowait
-    for (int64_t b = n0 / 8; b < (n0 + rows + 7) / 8; b++)
-        for (int64_t c = 0; c < C; c++) {
-            const uint8_t *blk = p + (b * C + c) * 512;                       // 8 rows x 128 columns
-            for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 2 * 512 + o), _MM_HINT_T0);
-            const uint16_t *sg = sz + (b * G + c * 128 / gs) * 16;
-            for (int r = 0; r < 8; r++) {
-                int64_t n = b * 8 + r;
-                if (n < n0 || n >= n0 + rows) continue;
-                __m512 sv = _mm512_set1_ps(bf16_to_f(sg[2 * r])), zv = _mm512_set1_ps(bf16_to_f(sg[2 * r + 1]));
-                uint16_t *o = out + (n - n0) * K + c * 128;
-                for (int h = 0; h < 4; h++) {
-                    __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 * r + 16 * h)));
-                    __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(d, table), sv, zv);
-                    __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), sv, zv);
-                    __m512i w = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-                    __m512i v = _mm512_permutexvar_epi16(inter, w);
-                    if (stream) _mm512_stream_si512((__m512i *)(o + 32 * h), v); else _mm512_storeu_si512(o + 32 * h, v);
-                }
+    for (int64_t c = 0; c < C; c++) {
+        const uint8_t *blk = p + (b * C + c) * 512;                           // 8 rows x 128 columns
+        for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 2 * 512 + o), _MM_HINT_T0);
+        const uint16_t *sg = sz + (b * G + c * 128 / gs) * 16;
+        for (int r = 0; r < 8; r++) {
+            int64_t n = b * 8 + r;
+            if (n < n0 || n >= n0 + rows) continue;
+            __m512 sv = _mm512_set1_ps(bf16_to_f(sg[2 * r])), zv = _mm512_set1_ps(bf16_to_f(sg[2 * r + 1]));
+            uint16_t *o = out + (n - n0) * ostride + c * 128;
+            for (int h = 0; h < 4; h++) {
+                __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 * r + 16 * h)));
+                __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(d, table), sv, zv);
+                __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), sv, zv);
+                __m512i v = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                if (stream) _mm512_stream_si512((__m512i *)(o + 32 * h), v); else _mm512_storeu_si512(o + 32 * h, v);
             }
         }
-    _mm_sfence();
     }
 }
 
+// Both dequantizers walk the weights in storage order (tile by tile, the 8 rows of a tile within each group or
+// chunk), so cold weights stream from DRAM as the GEMVs read them; rows outside [n0, n0 + rows) are skipped.
+#define DEQUANT_BODY(TILE_FN, W, S)                                                                         \
+    stream = stream && ((uintptr_t)out & 63) == 0;                                                          \
+    _Pragma("omp parallel num_threads(nt)")                                                                 \
+    {                                                                                                       \
+        _Pragma("omp for schedule(static) nowait")                                                          \
+        for (int64_t b = n0 / 8; b < (n0 + rows + 7) / 8; b++) TILE_FN(W, S, out, K, K, gs, b, n0, rows, stream); \
+        _mm_sfence();                                                                                       \
+    }
+
+void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t N, int64_t K, int64_t gs,
+                        int64_t n0, int64_t rows, int nt, int stream) {
+    DEQUANT_BODY(int8_tile_to_bf16, q, s)
+}
+
+void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t N, int64_t K, int64_t gs,
+                        int64_t n0, int64_t rows, int nt, int stream) {
+    DEQUANT_BODY(int4_tile_to_bf16, p, sz)
+}
+
 // ---- bf16: y[m, n] = sum_k x[m, k] w[n, k]; tiles of R output rows x MM activation rows -------------
-ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *w, void *y, int yb, int64_t N, int64_t K,
-                      int64_t n0, int64_t m0, const int MM, const int R) {
+ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *wt, void *y, int yb, int64_t N, int64_t K,
+                      int64_t n0, int64_t m0, const int MM, const int R) {      // wt: row n0's weights, rows K apart
     __m512 acc[4][8];
     for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
         __m512bh xv[4];
         for (int i = 0; i < MM; i++) xv[i] = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * K + k);
         for (int r = 0; r < R; r++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n0 + r) * K + k);
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(wt + r * K + k);
             for (int i = 0; i < MM; i++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv[i], wv);
         }
     }
@@ -141,14 +148,14 @@ void grace_gemv_bf16(const uint16_t *x, const uint16_t *w, void *y, int64_t M, i
     for (int64_t b = 0; b < (N + 3) / 4; b++) {
         int64_t n0 = b * 4;
         if (M == 1 && (b & 1) && n0 + 4 <= N) continue;      // one row: 8-row tiles, as for int4 below
-        if (M == 1 && n0 + 8 <= N) { bf16_tile(x, w, y, yb, N, K, n0, 0, 1, 8); continue; }
+        if (M == 1 && n0 + 8 <= N) { bf16_tile(x, w + n0 * K, y, yb, N, K, n0, 0, 1, 8); continue; }
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             int64_t mm = M - m0 < 4 ? M - m0 : 4;
             if (n0 + 4 <= N) {
-#define BF16_CALL(T) bf16_tile(x, w, y, yb, N, K, n0, m0, T, 4)
+#define BF16_CALL(T) bf16_tile(x, w + n0 * K, y, yb, N, K, n0, m0, T, 4)
                 FOR_M(mm, BF16_CALL);
             } else {
-                for (int64_t n = n0; n < N; n++) for (int64_t m = m0; m < m0 + mm; m++) bf16_tile(x, w, y, yb, N, K, n, m, 1, 1);
+                for (int64_t n = n0; n < N; n++) for (int64_t m = m0; m < m0 + mm; m++) bf16_tile(x, w + n * K, y, yb, N, K, n, m, 1, 1);
             }
         }
     }
@@ -275,6 +282,41 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
     free(xp);
     free(sx);
 }
+// ---- more activation rows (M > TILE_GEMM_MIN_ROWS in kernels.py): each thread dequantizes one 8-row tile at a time
+// into a bf16 buffer of 8 x K (L1 / L2), bit-identical to the dequantizers, and meets it with every activation
+// row through the bf16 tile kernel, so the codes are unpacked once per call (the GEMVs unpack them again for
+// every two INT4 / four INT8 rows) and no dequantized copy goes through DRAM.
+#define TILE_GEMM(TILE_FN, W, S)                                                                             \
+    _Pragma("omp parallel num_threads(nt)")                                                                 \
+    {                                                                                                       \
+        uint16_t *wt = (uint16_t *)aligned_alloc(64, (size_t)(16 * K));                                     \
+        _Pragma("omp for schedule(static)")                                                                 \
+        for (int64_t b = 0; b < N / 8; b++) {                                                               \
+            TILE_FN(W, S, wt, K, K, gs, b, b * 8, 8, 0);                                                   \
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                         \
+                int64_t mm = M - m0 < 4 ? M - m0 : 4;                                                       \
+                for (int r0 = 0; r0 < 8; r0 += 4) {                                                         \
+                    const uint16_t *w4 = wt + r0 * K; int64_t n0 = b * 8 + r0;                              \
+                    if (mm == 4) bf16_tile(x, w4, y, yb, N, K, n0, m0, 4, 4);                               \
+                    else if (mm == 3) bf16_tile(x, w4, y, yb, N, K, n0, m0, 3, 4);                          \
+                    else if (mm == 2) bf16_tile(x, w4, y, yb, N, K, n0, m0, 2, 4);                          \
+                    else bf16_tile(x, w4, y, yb, N, K, n0, m0, 1, 4);                                       \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        free(wt);                                                                                           \
+    }
+
+void grace_tile_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N,
+                          int64_t K, int64_t gs, int nt, int yb) {
+    TILE_GEMM(int8_tile_to_bf16, q, s)
+}
+
+void grace_tile_gemm_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N,
+                          int64_t K, int64_t gs, int nt, int yb) {
+    TILE_GEMM(int4_tile_to_bf16, p, sz)
+}
+
 // ---- attention for one query token per head (a decode step), grouped-query heads sharing a key/value head:
 // q [B, Hq, D] bf16, k / v [B, Hkv, L, D] bf16 with any batch / head / position strides (a cache that grows in
 // place hands out views), out [B, Hq, D] bf16. Query head h reads key/value head h / (Hq / Hkv). Scores, the

@@ -34,8 +34,10 @@ def kernels_on_small_weights(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("in_f,out_f,group", SHAPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows):
+def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows, monkeypatch):
     """Before the output's bf16 rounding the GEMVs are the group-wise formula in fp32 (error ~1e-6, not ~1e-3)."""
+    monkeypatch.setattr(kernels, "INT4_GEMV_MAX_ROWS", 64)             # the GEMVs at every row count here
+    monkeypatch.setattr(kernels, "INT8_GEMV_MAX_ROWS", 64)
     x = torch.randn(rows, in_f).to(torch.bfloat16)
     m8, m4 = int8_module(in_f, out_f, group), int4_module(in_f, out_f, group)
     assert (m8.layout, m4.layout) == ("tiled", "tiled")
@@ -45,6 +47,40 @@ def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows):
     assert rel(y4, x.double() @ exact_group_weight(m4).t()) < 2e-5     # 128 + c trick: a little cancellation
     w = torch.randn(out_f, in_f).to(torch.bfloat16)
     assert rel(kernels.linear_bf16(x, w), x.double() @ w.double().t()) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_f,out_f,group", SHAPES)
+@pytest.mark.parametrize("rows", [1, 4, 5, 8, 17, 40])
+def test_tile_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, rows, monkeypatch):
+    """The tile GEMMs dequantize each tile as dequantize() does and accumulate in fp32: before the output's
+    rounding they are x @ dequantize().T to ~1e-7 (the GEMVs' exact group-wise product differs by ~1e-3)."""
+    monkeypatch.setattr(kernels, "INT4_GEMV_MAX_ROWS", 0)
+    monkeypatch.setattr(kernels, "INT8_GEMV_MAX_ROWS", 0)
+    x = torch.randn(rows, in_f).to(torch.bfloat16)
+    m8, m4 = int8_module(in_f, out_f, group), int4_module(in_f, out_f, group)
+    y8 = kernels.linear_int8(x, m8.qweight, m8.scales, group, out_f)
+    y4 = kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group, out_f)
+    assert rel(y8, x.double() @ m8.dequantize().double().t()) < 1e-6
+    assert rel(y4, x.double() @ m4.dequantize().double().t()) < 1e-6
+    assert rel(y4, x.double() @ exact_group_weight(m4).t()) > 1e-5          # really the bf16 weights, not the exact ones
+    bf16_out = kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group, out_f, torch.bfloat16)
+    assert torch.equal(bf16_out, y4.to(torch.bfloat16))
+
+
+@needs_kernels
+def test_the_gemv_and_tile_gemm_thresholds_pick_the_kernel(monkeypatch):
+    lib = kernels.library()
+    calls = []
+    for name in ("grace_gemv_int4", "grace_tile_gemm_int4", "grace_gemv_int8", "grace_tile_gemm_int8"):
+        real = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    m8, m4 = int8_module(256, 64, 128), int4_module(256, 64, 128)
+    for rows in (kernels.INT4_GEMV_MAX_ROWS, kernels.INT4_GEMV_MAX_ROWS + 1):
+        kernels.linear_int4(torch.randn(rows, 256).to(torch.bfloat16), m4.weight_packed, m4.scales_and_zeros, 128, 64)
+    for rows in (kernels.INT8_GEMV_MAX_ROWS, kernels.INT8_GEMV_MAX_ROWS + 1):
+        kernels.linear_int8(torch.randn(rows, 256).to(torch.bfloat16), m8.qweight, m8.scales, 128, 64)
+    assert calls == ["grace_gemv_int4", "grace_tile_gemm_int4", "grace_gemv_int8", "grace_tile_gemm_int8"]
 
 
 @needs_kernels
