@@ -1,7 +1,8 @@
-"""A CPU decode step beyond its linears: attention for the one new token, and a KV cache that grows in place.
+"""A CPU decode step beyond its linears: attention for the one new token, RMSNorm, and a KV cache that grows
+in place.
 
 Once the linears read their weights near the memory wall (quant/kernels.py), the rest of a decode step is
-what is left, and two parts of it cost as much as a quantized layer's weights:
+what is left, and three parts of it together cost as much as a quantized model's decoder weights:
 
 - transformers' "sdpa" attention hands a grouped-query decode step (Qwen3-VL: 16 query heads over 8
   key/value heads) to torch with `enable_gqa=True`, which on the CPU runs ~0.5 ms per layer for a
@@ -14,9 +15,9 @@ what is left, and two parts of it cost as much as a quantized layer's weights:
   the whole cache (two per layer, 56 per 2B step). `GrowingCache` keeps them in buffers with spare room
   and writes the new token in place; what it returns are views of the filled part, the same values.
 
-`use_cpu_decode_(model)` switches a loaded model's text attention and RMSNorms over; `cache_kwargs(model)` is what the
-generate calls in grace pass for the cache. Both are plain per-model state: nothing process-wide
-is flipped, so threads serving several models at once do not meet.
+`use_cpu_decode_(model)` switches a loaded model's text attention and RMSNorms over; `cache_kwargs(model)`
+is what the generate calls in grace pass for the cache. Both are plain per-model state: nothing
+process-wide is flipped, so threads serving several models at once do not meet.
 """
 
 from __future__ import annotations
@@ -63,13 +64,12 @@ class _FastRMSNorm:
     """transformers' Llama / Qwen3 RMSNorm, with a decode step's few bf16 rows on grace's kernel."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        w = self._parameters["weight"]
-        if (hidden_states.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and hidden_states.shape[-1] == w.shape[0]
-                and hidden_states.numel() <= kernels.RMS_NORM_MAX_ELEMENTS and hidden_states.device.type == "cpu"
-                and w.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or hidden_states.requires_grad))
-                and kernels.available()):
-            return kernels.rms_norm(hidden_states, w, self.variance_epsilon)
-        return super().forward(hidden_states)
+        x, w = hidden_states, self._parameters["weight"]
+        if (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and x.shape[-1] == w.shape[0]
+                and x.numel() <= kernels.RMS_NORM_MAX_ELEMENTS and x.device.type == "cpu" and w.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) and kernels.available()):
+            return kernels.rms_norm(x, w, self.variance_epsilon)
+        return super().forward(x)
 
 
 class FastQwen3VLTextRMSNorm(_FastRMSNorm, Qwen3VLTextRMSNorm):
