@@ -104,7 +104,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 9:
+    if lib.grace_kernels_version() != 10:
         return None
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T, T]
