@@ -104,7 +104,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 10:
+    if lib.grace_kernels_version() != 11:
         return None
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T, T]
@@ -172,11 +172,11 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torc
 
 # Above these many rows the quantized kernels dequantize each 8-row tile once into L1 / L2 and run the bf16 tile
 # kernel on it for every row (grace_tile_gemm_*), where the GEMVs unpack the codes again for every 2 (INT4) or
-# 4 (INT8) rows. Crossovers measured on the 2B shapes with cold weights (2 threads): the tile GEMM wins on every
-# shape from 4 rows for INT4 and on 3 of 4 at 8 rows for INT8 (at 16 rows: 1.4-1.6x the GEMVs, 1.1-1.35x the
-# fastest bf16 path). Numerics: the GEMVs compute the exact group-wise product in fp32; the tile GEMMs, like
+# 4 (INT8) rows. Crossovers measured on the 2B shapes with cold weights (2 threads): for INT4 the GEMV (pairs
+# of rows over the whole tile) wins on every shape at 4 rows and the two are mixed at 6; for INT8 the tile GEMM
+# wins on 3 of 4 shapes at 8 rows (at 16 rows: 1.4-1.6x the GEMVs, 1.1-1.35x the fastest bf16 path). Numerics: the GEMVs compute the exact group-wise product in fp32; the tile GEMMs, like
 # the dequantize + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation).
-INT4_GEMV_MAX_ROWS = 3
+INT4_GEMV_MAX_ROWS = 4
 INT8_GEMV_MAX_ROWS = 7
 
 

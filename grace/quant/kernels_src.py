@@ -25,7 +25,7 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 10; }
+int grace_kernels_version(void) { return 11; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
@@ -271,15 +271,11 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < N / 8; b++) {
-        if (M == 1) { int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, 0, 1, 8, 0); continue; }
-        // two rows: the whole tile in one pass (each byte unpacked once; 25-30 % faster than two half-tile passes,
-        // though its 32 sums spill a little); more rows: two activation rows x half a tile per pass
-        if (M == 2) { int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, 0, 2, 8, 0); continue; }
+        // pairs of activation rows x the whole tile per pass: each byte is unpacked once per pair (half-tile
+        // passes unpacked it twice and were 25-30 % slower at two rows, though 32 sums in flight spill a little)
         for (int64_t m0 = 0; m0 < M; m0 += 2) {
-            for (int r0 = 0; r0 < 8; r0 += 4) {
-                if (M - m0 >= 2) int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, 2, 4, r0);
-                else int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, 1, 4, r0);
-            }
+            if (M - m0 >= 2) int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, 2, 8, 0);
+            else int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, 1, 8, 0);
         }
     }
     free(xp);
