@@ -22,6 +22,7 @@ process-wide is flipped, so threads serving several models at once do not meet.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -166,19 +167,12 @@ def new_cache(model: nn.Module) -> GrowingCache:
     return GrowingCache(config=getattr(model, "config", None))
 
 
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def cache_kwargs(model: nn.Module) -> dict:
     """{keyword: new_cache(model)} for `model.generate`: transformers 5 renamed `past_key_values` to `cache`
     (the old name warns); the model's forward says which one this version takes."""
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    return {name: new_cache(model)}
-
-
-def cache_bytes(cache) -> int:
-    """Bytes a GrowingCache holds (its buffers, spare room included)."""
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for name in ("_key_buffer", "_value_buffer"):
-            buf = getattr(layer, name, None)
-            if buf is not None:
-                total += buf.numel() * buf.element_size()
-    return total
+    return {_cache_keyword(type(model)): new_cache(model)}

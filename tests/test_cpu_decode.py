@@ -203,7 +203,7 @@ def test_cache_bytes_counts_each_buffer_once_with_its_spare_room():
     cache = DynamicCache()
     cache.layers = [layer]
     held = 2 * (1 * 2 * (5 + cpu_decode.GROW_BY) * 8 * 4)
-    assert chat.cache_bytes(cache) == held == cpu_decode.cache_bytes(cache)
+    assert chat.cache_bytes(cache) == held
 
 
 @needs_kernels

@@ -173,14 +173,10 @@ class Int4Linear(QuantizedLinear):
 
     # -- compute ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a decode step's path first, with as little Python as possible (this runs ~200 times a token): the
-        # tiled layout is only ever stored for CPU bf16, so these checks also mean nothing was moved
+        # a decode step's path first, with as little Python as possible
         buffers = self._buffers                        # not Module.__getattr__: ~0.5 us a lookup
         packed, sz = buffers["weight_packed"], buffers["scales_and_zeros"]
-        if (self.layout == "tiled" and x.dtype is torch.bfloat16 and x.shape[-1] == self.in_features
-                and x.numel() <= KERNEL_MAX_ROWS * self.in_features and self.bias is None
-                and packed.device.type == "cpu" and sz.dtype is torch.bfloat16 and x.device.type == "cpu"
-                and not (x.requires_grad and torch.is_grad_enabled())):
+        if self._bf16_kernel_takes(x, packed, sz, KERNEL_MAX_ROWS):
             y = kernels.linear_int4(x.reshape(-1, self.in_features), packed, sz, self.group_size, self.out_features,
                                     torch.bfloat16)
             return y.reshape(*x.shape[:-1], self.out_features)

@@ -104,7 +104,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 11:
+    if lib.grace_kernels_version() != 12:
         return None
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T, T]
@@ -174,24 +174,31 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torc
 # kernel on it for every row (grace_tile_gemm_*), where the GEMVs unpack the codes again for every 2 (INT4) or
 # 4 (INT8) rows. Crossovers measured on the 2B shapes with cold weights (2 threads): for INT4 the GEMV (pairs
 # of rows over the whole tile) wins on every shape at 4 rows and the two are mixed at 6; for INT8 the tile GEMM
-# wins on 3 of 4 shapes at 8 rows (at 16 rows: 1.4-1.6x the GEMVs, 1.1-1.35x the fastest bf16 path). Numerics: the GEMVs compute the exact group-wise product in fp32; the tile GEMMs, like
+# wins on 3 of 4 shapes at 8 rows (at 16 rows: 1.4-1.6x the GEMVs, 1.1-1.35x the fastest bf16 path).
+# Numerics: the GEMVs compute the exact group-wise product in fp32; the tile GEMMs, like
 # the dequantize + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation).
 INT4_GEMV_MAX_ROWS = 4
 INT8_GEMV_MAX_ROWS = 7
+
+
+def _quantized_linear(gemv: str, tile_gemm: str, gemv_max_rows: int, x: torch.Tensor, codes: torch.Tensor,
+                      params: torch.Tensor, group_size: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The GEMV (named `gemv` in the library) up to `gemv_max_rows` rows, the tile GEMM above."""
+    x = x.contiguous()
+    m, k = x.shape
+    y = _output(m, n, dtype)
+    kernel = getattr(library(), gemv if m <= gemv_max_rows else tile_gemm)
+    kernel(x.data_ptr(), codes.data_ptr(), params.data_ptr(), y.data_ptr(), m, n, k, group_size, _threads(),
+           dtype is torch.bfloat16)
+    return y
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, n: int,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x @ W.T for the tiled int8 layout (quant/int8.py): qweight int8 [N/8, G, 8, gs], scales bf16 [N/8, G, 8],
     W[n, k] = q * s; gs a multiple of 64. The GEMV up to INT8_GEMV_MAX_ROWS rows, the tile GEMM above."""
-    x = x.contiguous()
-    m, k = x.shape
-    y = _output(m, n, dtype)
-    lib = library()
-    kernel = lib.grace_tile_gemm_int8 if m > INT8_GEMV_MAX_ROWS else lib.grace_gemv_int8
-    kernel(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, group_size, _threads(),
-           dtype is torch.bfloat16)
-    return y
+    return _quantized_linear("grace_gemv_int8", "grace_tile_gemm_int8", INT8_GEMV_MAX_ROWS, x, qweight, scales,
+                             group_size, n, dtype)
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
@@ -199,14 +206,8 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     """x @ W.T for the tiled int4 layout (quant/int4.py): packed uint8 [N/8, K/128, 8, 64], scales_and_zeros
     bf16 [N/8, G, 8, 2], W[n, k] = (c - 8) * s + z; group_size a multiple of 128. The GEMV up to
     INT4_GEMV_MAX_ROWS rows, the tile GEMM above."""
-    x = x.contiguous()
-    m, k = x.shape
-    y = _output(m, n, dtype)
-    lib = library()
-    kernel = lib.grace_tile_gemm_int4 if m > INT4_GEMV_MAX_ROWS else lib.grace_gemv_int4
-    kernel(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), m, n, k, group_size,
-           _threads(), dtype is torch.bfloat16)
-    return y
+    return _quantized_linear("grace_gemv_int4", "grace_tile_gemm_int4", INT4_GEMV_MAX_ROWS, x, packed,
+                             scales_and_zeros, group_size, n, dtype)
 
 
 # -- dequantize (bit-identical to the modules' dequantize()) and the bf16 GEMM ------------------------------

@@ -25,7 +25,7 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 11; }
+int grace_kernels_version(void) { return 12; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
@@ -39,9 +39,11 @@ static inline void store_bf16_x32(uint16_t *o, __m512 lo, __m512 hi) {
 // The dequantizers write their buffer with non-temporal stores where it is 64-byte aligned: the buffer was
 // evicted by the GEMM that read it last time, and ordinary stores would first read every line back from DRAM
 // (measured: dequantizing 2M weights right after a 256-row GEMM took 0.28 ms instead of 0.08 ms).
-static inline void put_bf16_x32(uint16_t *o, __m512 lo, __m512 hi, int stream) {
-    __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+static inline void put_x32(uint16_t *o, __m512i v, int stream) {
     if (stream) _mm512_stream_si512((__m512i *)o, v); else _mm512_storeu_si512(o, v);
+}
+static inline void put_bf16_x32(uint16_t *o, __m512 lo, __m512 hi, int stream) {
+    put_x32(o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo), stream);
 }
 
 // Tiled layouts (see quant/int8.py and quant/int4.py): the weights of 8 output rows are one contiguous
@@ -50,8 +52,6 @@ static inline void put_bf16_x32(uint16_t *o, __m512 lo, __m512 hi, int stream) {
 //   int8: q [N/8][G][8][gs] int8, s [N/8][G][8] bf16          W[n, k] = q * s
 //   int4: p [N/8][K/128][8][64] bytes (nibble t of 16-bit lane j of a row's 64 bytes = column 4j + t of that
 //         128-column chunk), sz [N/8][G][8][2] bf16          W[n, k] = (c - 8) * s + z
-// Both dequantizers walk the weights in storage order (tile by tile, the 8 rows of a tile within each group or
-// chunk), so cold weights stream from DRAM as the GEMVs read them; rows outside [n0, n0 + rows) are skipped.
 // One tile b, rows n0 .. n0+rows-1 of the weight only, into out (row n at out + (n - n0) * ostride).
 ALWAYS void int8_tile_to_bf16(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t ostride, int64_t K,
                               int64_t gs, int64_t b, int64_t n0, int64_t rows, int stream) {
@@ -100,7 +100,7 @@ ALWAYS void int4_tile_to_bf16(const uint8_t *p, const uint16_t *sz, uint16_t *ou
                 __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(d, table), sv, zv);
                 __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), sv, zv);
                 __m512i v = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-                if (stream) _mm512_stream_si512((__m512i *)(o + 32 * h), v); else _mm512_storeu_si512(o + 32 * h, v);
+                put_x32(o + 32 * h, v, stream);
             }
         }
     }
@@ -285,6 +285,7 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
 // into a bf16 buffer of 8 x K (L1 / L2), bit-identical to the dequantizers, and meets it with every activation
 // row through the bf16 tile kernel, so the codes are unpacked once per call (the GEMVs unpack them again for
 // every two INT4 / four INT8 rows) and no dequantized copy goes through DRAM.
+#define TILE_ROWS_CALL(T) bf16_tile(x, w4, y, yb, N, K, n0, m0, T, 4)
 #define TILE_GEMM(TILE_FN, W, S)                                                                             \
     _Pragma("omp parallel num_threads(nt)")                                                                 \
     {                                                                                                       \
@@ -296,10 +297,7 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
                 int64_t mm = M - m0 < 4 ? M - m0 : 4;                                                       \
                 for (int r0 = 0; r0 < 8; r0 += 4) {                                                         \
                     const uint16_t *w4 = wt + r0 * K; int64_t n0 = b * 8 + r0;                              \
-                    if (mm == 4) bf16_tile(x, w4, y, yb, N, K, n0, m0, 4, 4);                               \
-                    else if (mm == 3) bf16_tile(x, w4, y, yb, N, K, n0, m0, 3, 4);                          \
-                    else if (mm == 2) bf16_tile(x, w4, y, yb, N, K, n0, m0, 2, 4);                          \
-                    else bf16_tile(x, w4, y, yb, N, K, n0, m0, 1, 4);                                       \
+                    FOR_M(mm, TILE_ROWS_CALL);                                                              \
                 }                                                                                           \
             }                                                                                               \
         }                                                                                                   \
