@@ -32,8 +32,8 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextAttention, Qwen3VLTextRMSNorm
 
 from .quant import kernels
 
@@ -84,6 +84,70 @@ class FastLlamaRMSNorm(_FastRMSNorm, LlamaRMSNorm):
 FAST_RMS_NORMS = {Qwen3VLTextRMSNorm: FastQwen3VLTextRMSNorm, LlamaRMSNorm: FastLlamaRMSNorm}
 
 
+def _norm_of(module: nn.Module | None) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a Llama / Qwen3 RMSNorm, None for no module; anything else is not ours to fuse."""
+    if module is None:
+        return None
+    if type(module) not in FAST_RMS_NORMS and type(module) not in FAST_RMS_NORMS.values():
+        raise LookupError
+    return module._parameters["weight"], module.variance_epsilon
+
+
+class _FastDecodeAttention:
+    """transformers' Llama / Qwen3-VL text attention, with a CPU decode step in four kernel calls after the
+    projections: the query and key heads' RMSNorm and rotary embedding in one (seven small torch ops a head
+    set, ~60 us a layer), the cache update, the attention kernel and o_proj. It takes the step only where the
+    model's attention is grace's ("grace_sdpa"), one position with no mask, no autograd, bf16 on the CPU, and
+    a DynamicCache (or GrowingCache); everything else is transformers' forward, unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if (attention_mask is None and position_embeddings is not None and isinstance(cache, DynamicCache)
+                and not self.training and not torch.is_grad_enabled() and hidden_states.dim() == 3
+                and hidden_states.shape[1] == 1 and hidden_states.dtype is torch.bfloat16
+                and hidden_states.device.type == "cpu" and self.config._attn_implementation == ATTENTION):
+            out = self._decode_step(hidden_states, *position_embeddings, cache)
+            if out is not None:
+                return out, None
+        return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+
+    def _decode_step(self, hidden_states, cos, sin, cache) -> torch.Tensor | None:
+        try:
+            q_norm, k_norm = _norm_of(getattr(self, "q_norm", None)), _norm_of(getattr(self, "k_norm", None))
+        except LookupError:
+            return None
+        d, b = self.head_dim, hidden_states.shape[0]
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if kernels.qk_norm_rope_usable(q, k, q_norm, k_norm, cos, sin, d):
+            q, k = kernels.qk_norm_rope(q, k, q_norm, k_norm, cos, sin, d)
+        else:          # an odd projection output (another dtype, a strided view): the model's own ops
+            q, k = self._norm_rope_torch(q, k, cos, sin)
+        keys, values = cache.update(k.view(b, 1, -1, d).transpose(1, 2), v.view(b, 1, -1, d).transpose(1, 2), self.layer_idx)
+        out, _ = decode_attention(self, q.view(b, 1, -1, d).transpose(1, 2), keys, values, None, scaling=self.scaling)
+        return self.o_proj(out.reshape(b, 1, -1))
+
+    def _norm_rope_torch(self, q, k, cos, sin):
+        """What transformers' forward does between the projections and the cache, on [B, 1, H * D] rows."""
+        b, d = q.shape[0], self.head_dim
+        q, k = q.reshape(b, 1, -1, d), k.reshape(b, 1, -1, d)
+        if getattr(self, "q_norm", None) is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rotary = inspect.getmodule(type(self).__mro__[2]).apply_rotary_pos_emb
+        q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q.reshape(b, 1, -1), k.reshape(b, 1, -1)
+
+
+class FastQwen3VLTextAttention(_FastDecodeAttention, Qwen3VLTextAttention):
+    pass
+
+
+class FastLlamaAttention(_FastDecodeAttention, LlamaAttention):
+    pass
+
+
+FAST_ATTENTIONS = {Qwen3VLTextAttention: FastQwen3VLTextAttention, LlamaAttention: FastLlamaAttention}
+
+
 def use_cpu_decode_(model: nn.Module) -> bool:
     """Route the causal (language-model) attention of `model` through `decode_attention` where it uses
     sdpa, and its RMSNorms through `FAST_RMS_NORMS` (the class changes; parameters and hooks stay); a vision
@@ -92,7 +156,7 @@ def use_cpu_decode_(model: nn.Module) -> bool:
         return False
     changed = False
     for module in model.modules():
-        fast = FAST_RMS_NORMS.get(type(module))
+        fast = FAST_RMS_NORMS.get(type(module)) or FAST_ATTENTIONS.get(type(module))
         if fast is not None:
             module.__class__ = fast
             changed = True

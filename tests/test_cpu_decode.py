@@ -236,3 +236,139 @@ def test_fast_rms_norm_takes_a_decode_step_only():
     big = torch.randn(1, kernels.RMS_NORM_MAX_ELEMENTS // x.shape[-1] + 1, x.shape[-1]).to(torch.bfloat16)
     assert torch.equal(norm(big), plain.forward(norm, big))             # torch's own path, unchanged
     assert torch.equal(norm(x.float()), plain.forward(norm, x.float()))
+
+
+# -- the fused decode step of the attention modules ----------------------------------------------------------
+
+def _rope_inputs(b, hq, hkv, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, 1, hq * d, generator=g) * 2).to(torch.bfloat16)
+    k = (torch.randn(b, 1, hkv * d, generator=g) * 2).to(torch.bfloat16)
+    angle = torch.rand(b, 1, d // 2, generator=g) * 300
+    cos, sin = torch.cat([angle.cos()] * 2, -1).to(torch.bfloat16), torch.cat([angle.sin()] * 2, -1).to(torch.bfloat16)
+    return q, k, cos, sin
+
+
+def _torch_rope(q, k, cos, sin, d):
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+
+    b = q.shape[0]
+    q, k = apply_rotary_pos_emb(q.view(b, 1, -1, d).transpose(1, 2), k.view(b, 1, -1, d).transpose(1, 2), cos, sin)
+    return q.transpose(1, 2).reshape(b, 1, -1), k.transpose(1, 2).reshape(b, 1, -1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,hq,hkv,d", [(1, 16, 8, 128), (2, 8, 2, 64), (1, 4, 4, 256), (3, 6, 3, 32)])
+def test_qk_rope_kernel_is_transformers_rotary_bit_for_bit(b, hq, hkv, d):
+    q, k, cos, sin = _rope_inputs(b, hq, hkv, d, seed=d + b)
+    assert kernels.qk_norm_rope_usable(q, k, None, None, cos, sin, d)
+    got_q, got_k = kernels.qk_norm_rope(q, k, None, None, cos, sin, d)
+    want_q, want_k = _torch_rope(q, k, cos, sin, d)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+@needs_kernels
+def test_qk_norm_rope_kernel_matches_the_head_norms_then_the_rotary():
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+
+    b, hq, hkv, d = 2, 16, 8, 128
+    q, k, cos, sin = _rope_inputs(b, hq, hkv, d, seed=5)
+    norms = [Qwen3VLTextRMSNorm(d, eps=1e-6).to(torch.bfloat16) for _ in range(2)]
+    with torch.no_grad():
+        for i, n in enumerate(norms):
+            n.weight.copy_(torch.randn(d, generator=torch.Generator().manual_seed(i)) * 0.3 + 1)
+    want_q, want_k = _torch_rope(norms[0](q.view(b, 1, hq, d)).reshape(b, 1, -1),
+                                 norms[1](k.view(b, 1, hkv, d)).reshape(b, 1, -1), cos, sin, d)
+    spec = [(n.weight, n.variance_epsilon) for n in norms]
+    got_q, got_k = kernels.qk_norm_rope(q, k, spec[0], spec[1], cos, sin, d)
+    for got, want in ((got_q, want_q), (got_k, want_k)):          # the norm's fp32 sum order: one unit, rarely
+        assert (got != want).double().mean() < 0.005 and _ulps(got, want.double()).max() <= 2.0
+    # the input stays as it was: the kernel writes new tensors
+    assert torch.equal(q, _rope_inputs(b, hq, hkv, d, seed=5)[0])
+
+
+def test_qk_norm_rope_usable_only_for_what_the_kernel_takes():
+    q, k, cos, sin = _rope_inputs(1, 4, 2, 64, seed=0)
+    assert not kernels.qk_norm_rope_usable(q.float(), k, None, None, cos, sin, 64)
+    assert not kernels.qk_norm_rope_usable(q, k, None, None, cos[..., :32], sin[..., :32], 64)
+    assert not kernels.qk_norm_rope_usable(torch.cat([q, q], 1), k, None, None, cos, sin, 64)     # two positions
+    assert not kernels.qk_norm_rope_usable(q, k, (torch.ones(32, dtype=torch.bfloat16), 1e-6), None, cos, sin, 64)
+    wide = torch.randn(1, 1, 4 * 512).to(torch.bfloat16)
+    assert not kernels.qk_norm_rope_usable(wide, wide, None, None, *[torch.ones(1, 1, 512, dtype=torch.bfloat16)] * 2, 512)
+
+
+def _plain_attention_(model):
+    for m in model.modules():
+        if isinstance(m, cpu_decode._FastDecodeAttention):
+            m.__class__ = type(m).__mro__[2]
+
+
+def _count_calls(monkeypatch, name):
+    calls = []
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@needs_kernels
+@pytest.mark.parametrize("which", ["qwen3vl", "llama"])
+def test_fused_decode_attention_gives_the_module_path_bit_for_bit(monkeypatch, which):
+    """The fused step (projections, one norm-and-rotary kernel, cache, attention kernel, o_proj) against the
+    same model with transformers' attention forward on grace's attention function: the same tokens and scores."""
+    model = _tiny()[0] if which == "qwen3vl" else _tiny_llama()
+    cpu_decode.use_cpu_decode_(model)
+    fused = [m for m in model.modules() if isinstance(m, cpu_decode._FastDecodeAttention)]
+    assert len(fused) == 2
+    calls = _count_calls(monkeypatch, "qk_norm_rope")
+    ids = torch.randint(5, 250, (1, 33), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        tokens, scores = _greedy(model, ids, 10, **cpu_decode.cache_kwargs(model))
+        assert len(calls) == 9 * 2                                     # every decode step, every layer
+        _plain_attention_(model)
+        ref_tokens, ref_scores = _greedy(model, ids, 10, **cpu_decode.cache_kwargs(model))
+    assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores)
+
+
+@needs_kernels
+def test_fused_decode_attention_torch_fallback_for_odd_projections(monkeypatch):
+    model, _ = _tiny()
+    cpu_decode.use_cpu_decode_(model)
+    ids = torch.randint(5, 250, (1, 20), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        tokens, scores = _greedy(model, ids, 6, **cpu_decode.cache_kwargs(model))
+        monkeypatch.setattr(kernels, "qk_norm_rope_usable", lambda *a: False)
+        torch_tokens, torch_scores = _greedy(model, ids, 6, **cpu_decode.cache_kwargs(model))
+    assert torch.equal(tokens, torch_tokens) and torch.equal(scores, torch_scores)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["padding", "grad", "sdpa", "fp32"])
+def test_fused_decode_attention_leaves_other_cases_to_transformers(monkeypatch, case):
+    model, _ = _tiny(torch.float32 if case == "fp32" else torch.bfloat16)
+    cpu_decode.use_cpu_decode_(model)
+    if case == "sdpa":                                                 # an operator's own attention choice
+        model.config.text_config._attn_implementation = "sdpa"
+    calls = _count_calls(monkeypatch, "qk_norm_rope")
+    ids = torch.randint(5, 250, (2, 12), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    if case == "padding":
+        mask[1, :4] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+              **cpu_decode.cache_kwargs(model))
+    if case == "grad":
+        with torch.enable_grad():
+            out = model(input_ids=ids[:, :1], attention_mask=mask[:, :1], use_cache=True, **cpu_decode.cache_kwargs(model))
+        assert out.logits.requires_grad
+    else:
+        with torch.inference_mode():
+            model.generate(**kw)
+    assert calls == []

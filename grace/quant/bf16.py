@@ -26,15 +26,11 @@ class FastBF16Linear(nn.Linear):
         w, bias = self._parameters["weight"], self._parameters["bias"]   # not Module.__getattr__: ~0.5 us each
         if (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and x.shape[-1] == self.in_features
                 and x.numel() <= KERNEL_MAX_ROWS * self.in_features and self.in_features % 32 == 0
-                and x.device.type == "cpu" and w.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+                and x.is_cpu and w.is_cpu and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
                 and kernels.worth_it(self.out_features, self.in_features) and kernels.available()):
-            x2 = x.reshape(-1, self.in_features)
             if bias is None:                            # bf16 straight from the kernel: the same rounding as .to()
-                y = kernels.linear_bf16(x2, w, torch.bfloat16)
-            else:
-                y = (kernels.linear_bf16(x2, w) + bias.float()).to(x.dtype)
-            return y.reshape(*x.shape[:-1], self.out_features)
+                return kernels.linear_bf16(x, w, torch.bfloat16)
+            return (kernels.linear_bf16(x, w) + bias.float()).to(x.dtype)
         return F.linear(x, w, bias)
 
 

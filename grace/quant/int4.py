@@ -177,9 +177,7 @@ class Int4Linear(QuantizedLinear):
         buffers = self._buffers                        # not Module.__getattr__: ~0.5 us a lookup
         packed, sz = buffers["weight_packed"], buffers["scales_and_zeros"]
         if self._bf16_kernel_takes(x, packed, sz, KERNEL_MAX_ROWS):
-            y = kernels.linear_int4(x.reshape(-1, self.in_features), packed, sz, self.group_size, self.out_features,
-                                    torch.bfloat16)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return kernels.linear_int4(x, packed, sz, self.group_size, self.out_features, torch.bfloat16)
         self._restore_if_moved()
         sz, packed, gs = self.scales_and_zeros, self.weight_packed, self.group_size
         lead = x.shape[:-1]

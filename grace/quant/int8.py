@@ -108,9 +108,7 @@ class Int8Linear(QuantizedLinear):
         buffers = self._buffers                        # not Module.__getattr__: ~0.5 us a lookup
         q, s = buffers["qweight"], buffers["scales"]
         if self._bf16_kernel_takes(x, q, s, KERNEL_MAX_ROWS):
-            y = kernels.linear_int8(x.reshape(-1, self.in_features), q, s, self.group_size, self.out_features,
-                                    torch.bfloat16)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return kernels.linear_int8(x, q, s, self.group_size, self.out_features, torch.bfloat16)
         self._restore_if_moved()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)

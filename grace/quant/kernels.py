@@ -104,7 +104,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 12:
+    if lib.grace_kernels_version() != 13:
         return None
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T, T]
@@ -117,7 +117,8 @@ def _build() -> ctypes.CDLL | None:
     F = ctypes.c_float
     lib.grace_attention_decode.argtypes = [P, P, P, P, I, I, I, I, I, I, I, I, I, I, I, F, T]
     lib.grace_rms_norm.argtypes = [P, P, P, I, I, F]
-    for name in ("grace_tile_gemm_int8", "grace_tile_gemm_int4", "grace_rms_norm", "grace_attention_decode",
+    lib.grace_qk_norm_rope.argtypes = [P, P, P, P, P, P, F, F, P, P, I, I, I, I]
+    for name in ("grace_tile_gemm_int8", "grace_tile_gemm_int4", "grace_rms_norm", "grace_qk_norm_rope", "grace_attention_decode",
                  "grace_gemv_bf16", "grace_gemv_int8", "grace_gemv_int4", "grace_dequant_int8", "grace_dequant_int4"):
         getattr(lib, name).restype = None
     return lib
@@ -152,32 +153,35 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-# -- GEMVs and tile GEMMs: x [M, K] bf16 -> y [M, N] fp32, or bf16 (the fp32 result rounded to nearest even, as .to() does) ----
+# -- GEMVs and tile GEMMs: x [..., K] bf16 (M rows) -> y [..., N] fp32, or bf16 (the fp32 result rounded to nearest
+# even, as .to() does). The output is allocated in its final shape: a reshape before and after cost ~2.5 us of a
+# ~30 us decode-step linear.
 
-def _output(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    if dtype not in (torch.float32, torch.bfloat16):
+def _output(x: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    if dtype is not torch.bfloat16 and dtype is not torch.float32:
         raise ValueError(f"the GEMVs write float32 or bfloat16, not {dtype}")
-    return torch.empty(m, n, dtype=dtype)
+    return torch.empty(*x.shape[:-1], n, dtype=dtype)
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x @ weight.T for bf16 weight [N, K], K a multiple of 32."""
     x, weight = x.contiguous(), weight.contiguous()
-    m, k = x.shape
-    y = _output(m, weight.shape[0], dtype)
-    library().grace_gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, weight.shape[0], k, _threads(),
-                              dtype is torch.bfloat16)
+    k = x.shape[-1]
+    y = _output(x, weight.shape[0], dtype)
+    library().grace_gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // k, weight.shape[0], k,
+                              _threads(), dtype is torch.bfloat16)
     return y
 
 
 # Above these many rows the quantized kernels dequantize each 8-row tile once into L1 / L2 and run the bf16 tile
 # kernel on it for every row (grace_tile_gemm_*), where the GEMVs unpack the codes again for every 2 (INT4) or
 # 4 (INT8) rows. Crossovers measured on the 2B shapes with cold weights (2 threads): for INT4 the GEMV (pairs
-# of rows over the whole tile) wins on every shape at 4 rows and the two are mixed at 6; for INT8 the tile GEMM
-# wins on 3 of 4 shapes at 8 rows (at 16 rows: 1.4-1.6x the GEMVs, 1.1-1.35x the fastest bf16 path).
+# of rows over the whole tile) wins at 5 and 6 rows on 2048->2048 / 2048->6144 / 6144->2048 (by 16-30 %; on
+# 2048->1024 the two are within 5 %, either way between runs) and the tile GEMM from 7 or 8; for INT8 the tile
+# GEMM wins on 3 of 4 shapes at 8 rows (at 16 rows: 1.4-1.6x the GEMVs, 1.1-1.35x the fastest bf16 path).
 # Numerics: the GEMVs compute the exact group-wise product in fp32; the tile GEMMs, like
 # the dequantize + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation).
-INT4_GEMV_MAX_ROWS = 4
+INT4_GEMV_MAX_ROWS = 6
 INT8_GEMV_MAX_ROWS = 7
 
 
@@ -185,8 +189,9 @@ def _quantized_linear(gemv: str, tile_gemm: str, gemv_max_rows: int, x: torch.Te
                       params: torch.Tensor, group_size: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     """The GEMV (named `gemv` in the library) up to `gemv_max_rows` rows, the tile GEMM above."""
     x = x.contiguous()
-    m, k = x.shape
-    y = _output(m, n, dtype)
+    k = x.shape[-1]
+    m = x.numel() // k
+    y = _output(x, n, dtype)
     kernel = getattr(library(), gemv if m <= gemv_max_rows else tile_gemm)
     kernel(x.data_ptr(), codes.data_ptr(), params.data_ptr(), y.data_ptr(), m, n, k, group_size, _threads(),
            dtype is torch.bfloat16)
@@ -303,3 +308,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.shape[-1]
     library().grace_rms_norm(xc.data_ptr(), weight.data_ptr(), out.data_ptr(), xc.numel() // h, h, float(eps))
     return out
+
+
+# -- a decode step's queries and keys: per-head RMSNorm and rotary embedding ------------------------------
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm: tuple[torch.Tensor, float] | None,
+                 k_norm: tuple[torch.Tensor, float] | None, cos: torch.Tensor, sin: torch.Tensor,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and key projections of one position per sequence, q [B, 1, Hq * D] and k [B, 1, Hkv * D], each
+    head RMSNorm-ed (q_norm / k_norm = (weight [D], eps), or None: no norm) and rotated by cos / sin [B, 1, D],
+    with transformers' roundings. All bf16, contiguous, on the CPU (`qk_norm_rope_usable`). Returns new tensors."""
+    b = q.shape[0]
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    qw, q_eps = q_norm if q_norm is not None else (None, 0.0)
+    kw, k_eps = k_norm if k_norm is not None else (None, 0.0)
+    library().grace_qk_norm_rope(q.data_ptr(), k.data_ptr(), q_out.data_ptr(), k_out.data_ptr(),
+                                 qw.data_ptr() if qw is not None else None, kw.data_ptr() if kw is not None else None,
+                                 float(q_eps), float(k_eps), cos.data_ptr(), sin.data_ptr(), b,
+                                 q.shape[-1] // head_dim, k.shape[-1] // head_dim, head_dim)
+    return q_out, k_out
+
+
+def qk_norm_rope_usable(q: torch.Tensor, k: torch.Tensor, q_norm, k_norm, cos: torch.Tensor, sin: torch.Tensor,
+                        head_dim: int) -> bool:
+    """What `qk_norm_rope` takes (see there); D even, at most ATTENTION_MAX_HEAD_DIM."""
+    b = q.shape[0]
+    if not (q.dim() == k.dim() == cos.dim() == 3 and q.shape[1] == 1 and k.shape[:2] == (b, 1)
+            and cos.shape == sin.shape == (b, 1, head_dim) and head_dim % 2 == 0 and head_dim <= ATTENTION_MAX_HEAD_DIM
+            and q.shape[2] % head_dim == 0 and k.shape[2] % head_dim == 0):
+        return False
+    tensors = [q, k, cos, sin] + [n[0] for n in (q_norm, k_norm) if n is not None]
+    if any(n is not None and n[0].shape != (head_dim,) for n in (q_norm, k_norm)):
+        return False
+    return (all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors)
+            and not any(t.requires_grad and torch.is_grad_enabled() for t in tensors) and usable(*tensors))

@@ -25,7 +25,7 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 12; }
+int grace_kernels_version(void) { return 13; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
@@ -397,19 +397,46 @@ void grace_attention_decode(const uint16_t *q, const uint16_t *k, const uint16_t
 // ---- RMSNorm of a few bf16 rows, as transformers' Llama / Qwen3 RMSNorm computes it: the mean of squares in
 // fp32, x * rsqrt(mean + eps) rounded to bf16, then times the bf16 weight, rounded again. Only the order of the
 // fp32 sum differs from torch's (it can move the result by one bf16 unit, rarely).
+static void rms_norm_row(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t H, float eps) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= H; j += 16) { __m512 v = bf16x16_to_ps(x + j); acc = _mm512_fmadd_ps(v, v, acc); }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; j < H; j++) { float v = bf16_to_f(x[j]); ss += v * v; }
+    float inv = 1.0f / sqrtf(ss / (float)H + eps);
+    for (j = 0; j < H; j++) {            // every element read before it is written: out may be x
+        float normed = bf16_to_f(f_to_bf16(bf16_to_f(x[j]) * inv));
+        out[j] = f_to_bf16(bf16_to_f(w[j]) * normed);
+    }
+}
 void grace_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t H, float eps) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * H;
-        __m512 acc = _mm512_setzero_ps();
-        int64_t j = 0;
-        for (; j + 16 <= H; j += 16) { __m512 v = bf16x16_to_ps(xr + j); acc = _mm512_fmadd_ps(v, v, acc); }
-        float ss = _mm512_reduce_add_ps(acc);
-        for (; j < H; j++) { float v = bf16_to_f(xr[j]); ss += v * v; }
-        float inv = 1.0f / sqrtf(ss / (float)H + eps);
-        for (j = 0; j < H; j++) {
-            float normed = bf16_to_f(f_to_bf16(bf16_to_f(xr[j]) * inv));
-            out[r * H + j] = f_to_bf16(bf16_to_f(w[j]) * normed);
+    for (int64_t r = 0; r < rows; r++) rms_norm_row(x + r * H, w, out + r * H, H, eps);
+}
+// ---- a decode step's query and key heads after their projections: Qwen3's per-head RMSNorm (q_norm, k_norm;
+// none where the weight is NULL, as in Llama), then the rotary embedding as transformers applies it,
+// x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16 (bf16 products of bf16 values
+// are exact in fp32, so this is torch's result bit for bit). x [B, H*D] -> out (may be x); cos, sin [B, D].
+static void norm_rope_heads(const uint16_t *x, uint16_t *out, const uint16_t *w, float eps, const uint16_t *cs,
+                            const uint16_t *sn, int64_t H, int64_t D) {
+    uint16_t t[512];
+    int64_t half = D / 2;
+    for (int64_t h = 0; h < H; h++) {
+        const uint16_t *xh = x + h * D;
+        if (w) rms_norm_row(xh, w, t, D, eps); else memcpy(t, xh, (size_t)D * 2);
+        for (int64_t j = 0; j < D; j++) {
+            float rot = j < half ? -bf16_to_f(t[j + half]) : bf16_to_f(t[j - half]);
+            float a = bf16_to_f(f_to_bf16(bf16_to_f(t[j]) * bf16_to_f(cs[j])));
+            float b = bf16_to_f(f_to_bf16(rot * bf16_to_f(sn[j])));
+            out[h * D + j] = f_to_bf16(a + b);
         }
+    }
+}
+void grace_qk_norm_rope(const uint16_t *q, const uint16_t *k, uint16_t *q_out, uint16_t *k_out, const uint16_t *qw,
+                        const uint16_t *kw, float q_eps, float k_eps, const uint16_t *cs, const uint16_t *sn, int64_t B,
+                        int64_t Hq, int64_t Hkv, int64_t D) {
+    for (int64_t b = 0; b < B; b++) {
+        norm_rope_heads(q + b * Hq * D, q_out + b * Hq * D, qw, q_eps, cs + b * D, sn + b * D, Hq, D);
+        norm_rope_heads(k + b * Hkv * D, k_out + b * Hkv * D, kw, k_eps, cs + b * D, sn + b * D, Hkv, D);
     }
 }
 #else

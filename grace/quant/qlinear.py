@@ -65,8 +65,8 @@ class QuantizedLinear(nn.Module):
         stored for CPU bf16, so this also means nothing was moved), CPU bf16 input of at most `max_rows` rows,
         no bias, no autograd. Kept to plain attribute reads: it runs ~200 times a decoded token."""
         return (self.layout == "tiled" and x.dtype is torch.bfloat16 and x.shape[-1] == self.in_features
-                and x.numel() <= max_rows * self.in_features and self.bias is None and codes.device.type == "cpu"
-                and params.dtype is torch.bfloat16 and x.device.type == "cpu"
+                and x.numel() <= max_rows * self.in_features and self.bias is None and codes.is_cpu
+                and params.dtype is torch.bfloat16 and x.is_cpu
                 and not (x.requires_grad and torch.is_grad_enabled()))
 
     def _apply(self, fn, recurse=True):
