@@ -270,6 +270,43 @@ def render(res) -> str:
     return "\n".join(md)
 
 
+PEERS = {"int8": ("torch_int8_row", "ao_int8", "quanto_qint8"), "int4": ("torch_int4", "ao_int4", "quanto_qint4")}
+SHORT = {"bf16_onednn": "oneDNN", "bf16_no_onednn": "oneDNN off", "bf16_grace": "grace GEMV", "torch_int8_row": "torch per-row",
+         "torch_int4": "tinygemm", "ao_int8": "torchao", "ao_int4": "torchao", "quanto_qint8": "quanto", "quanto_qint4": "quanto"}
+
+
+def summary(results: list[dict], ms: list[int] | None = None) -> str:
+    """One line per (shape, M): the fastest bf16 path, our INT8 / INT4 default path (% of its run's bandwidth,
+    speedup against that bf16) and the fastest peer of each; rows from the first result that has that M (the
+    README's table)."""
+    seen, body = set(), []
+    for res in results:
+        bw = res["bandwidth_gbs"]
+        for r in res["rows"]:
+            key = (r["in"], r["out"], r["m"])
+            if key in seen or (ms and r["m"] not in ms):
+                continue
+            seen.add(key)
+            t = r["time"]
+            cells = [f"{r['in']}→{r['out']}", str(r["m"]),
+                     f"{U.fmt_us(t[r['best_bf16']]['median_s'])} ({SHORT[r['best_bf16']]})"]
+            for bits in ("int8", "int4"):
+                ours = f"{bits}_{'gemv' if r['default_path'][bits] != 'dequant' else 'dequant'}"
+                cells += [f"{U.fmt_us(t[ours]['median_s'])} ({pct(r, ours, bw)})", f"{r['speedup_vs_best_bf16'][ours]:.2f}×"]
+            for bits in ("int8", "int4"):
+                peers = [n for n in PEERS[bits] if n in t]
+                best = min(peers, key=lambda n: t[n]["median_s"]) if peers else None
+                cells.append(f"{SHORT[best]} {U.fmt_us(t[best]['median_s'])}" if best else "–")
+            body.append(cells)
+    body.sort(key=lambda c: (int(c[1]), SHAPE_ORDER.get(c[0], 99)))
+    header = ["shape", "M", "fastest bf16 µs", "grace INT8 µs (% bw)", "INT8 speedup", "grace INT4 µs (% bw)",
+              "INT4 speedup", "fastest int8 peer µs", "fastest int4 peer µs"]
+    return U.md_table(header, body)
+
+
+SHAPE_ORDER = {f"{k}→{n}": i for i, (k, n) in enumerate(SHAPES + [HEAD])}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     U.add_common_args(parser)
@@ -277,7 +314,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-head", action="store_true", help="skip the 2048→151936 lm_head shape")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--render", type=Path, default=None, help="only re-render the tables of a results JSON")
+    parser.add_argument("--summary", type=Path, nargs="+", default=None,
+                        help="only print the README's summary table from results JSONs (the first with an M wins)")
     args = parser.parse_args(argv)
+    if args.summary:
+        ms = [int(v) for v in args.ms.split(",")] if args.ms else None
+        print(summary([json.loads(p.read_text(encoding="utf-8")) for p in args.summary], ms))
+        return {}
     if args.render:
         res = json.loads(args.render.read_text(encoding="utf-8"))
         print(render(res))

@@ -2,7 +2,7 @@
 in place.
 
 Once the linears read their weights near the memory wall (quant/kernels.py), the rest of a decode step is
-what is left, and three parts of it together cost as much as a quantized model's decoder weights:
+what is left, and four parts of it together cost as much as a quantized model's decoder weights:
 
 - transformers' "sdpa" attention hands a grouped-query decode step (Qwen3-VL: 16 query heads over 8
   key/value heads) to torch with `enable_gqa=True`, which on the CPU runs ~0.5 ms per layer for a
@@ -11,12 +11,16 @@ what is left, and three parts of it together cost as much as a quantized model's
   (~40 us), and hands every other case (prefill, masks, training, GPUs) to transformers' own sdpa, unchanged.
 - RMSNorm (four a layer in Qwen3-VL: before attention and the MLP, on the queries and the keys) is seven
   small torch ops, ~15 us, for one row; `rms_norm` in the kernels does it in one call, with the same roundings.
+- Between its projections and the cache, the attention module of a decode step runs the query and key heads'
+  norms and the rotary embedding (seven ops for each of q and k) and an attention-function dispatch; the
+  `FAST_ATTENTIONS` classes take such a step in one kernel for norms and rotary (the norms as `rms_norm`, the
+  rotary bit for bit), the cache update and the attention kernel: ~1.5-4 ms of a 2B step saved.
 - `DynamicCache` concatenates each layer's keys and values with the new token's at every step, copying
   the whole cache (two per layer, 56 per 2B step). `GrowingCache` keeps them in buffers with spare room
   and writes the new token in place; what it returns are views of the filled part, the same values.
 
-`use_cpu_decode_(model)` switches a loaded model's text attention and RMSNorms over; `cache_kwargs(model)`
-is what the generate calls in grace pass for the cache. Both are plain per-model state: nothing
+`use_cpu_decode_(model)` switches a loaded model's text attention modules, attention function and RMSNorms
+over; `cache_kwargs(model)` is what the generate calls in grace pass for the cache. Both are plain per-model state: nothing
 process-wide is flipped, so threads serving several models at once do not meet.
 """
 
@@ -150,8 +154,8 @@ FAST_ATTENTIONS = {Qwen3VLTextAttention: FastQwen3VLTextAttention, LlamaAttentio
 
 def use_cpu_decode_(model: nn.Module) -> bool:
     """Route the causal (language-model) attention of `model` through `decode_attention` where it uses
-    sdpa, and its RMSNorms through `FAST_RMS_NORMS` (the class changes; parameters and hooks stay); a vision
-    tower keeps its own. Returns whether anything changed; a no-op where grace's kernels cannot run."""
+    sdpa, its Llama / Qwen3-VL text attention modules through `FAST_ATTENTIONS` and its RMSNorms through
+    `FAST_RMS_NORMS` (the class changes; parameters and hooks stay); a vision tower keeps its own. Returns whether anything changed; a no-op where grace's kernels cannot run."""
     if not kernels.available():
         return False
     changed = False
