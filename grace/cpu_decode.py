@@ -36,8 +36,8 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextAttention, Qwen3VLTextRMSNorm
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextAttention, Qwen3VLTextMLP, Qwen3VLTextRMSNorm
 
 from .quant import kernels
 
@@ -88,6 +88,29 @@ class FastLlamaRMSNorm(_FastRMSNorm, LlamaRMSNorm):
 FAST_RMS_NORMS = {Qwen3VLTextRMSNorm: FastQwen3VLTextRMSNorm, LlamaRMSNorm: FastLlamaRMSNorm}
 
 
+def _hooked(module: nn.Module) -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
+def project_many(modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """[m(x) for m in modules], in one kernel call where each of them would be one GEMV of the same kind (a
+    decode step's q / k / v or gate / up projections): x is read once and the call, its thread start and its
+    Python paid once instead of two or three times. The same tiles, so the same bits; anything else (another
+    kind, hooks on a module, a path that is not a GEMV) is the modules' own forward."""
+    specs = []
+    for m in modules:
+        spec = m.decode_gemv(x) if hasattr(m, "decode_gemv") and not _hooked(m) else None
+        if spec is None or (specs and spec[0] != specs[0][0]) or (specs and spec[4] != specs[0][4]):
+            return [m(x) for m in modules]
+        specs.append(spec)
+    if len(specs) < 2 or len(specs) > kernels.MANY_MAX:
+        return [m(x) for m in modules]
+    return kernels.gemv_many(specs[0][0], x, [(codes, params, n) for _, codes, params, n, _ in specs], specs[0][4])
+
+
 def _norm_of(module: nn.Module | None) -> tuple[torch.Tensor, float] | None:
     """(weight, eps) of a Llama / Qwen3 RMSNorm, None for no module; anything else is not ours to fuse."""
     if module is None:
@@ -121,7 +144,7 @@ class _FastDecodeAttention:
         except LookupError:
             return None
         d, b = self.head_dim, hidden_states.shape[0]
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = project_many((self.q_proj, self.k_proj, self.v_proj), hidden_states)
         if kernels.qk_norm_rope_usable(q, k, q_norm, k_norm, cos, sin, d):
             q, k = kernels.qk_norm_rope(q, k, q_norm, k_norm, cos, sin, d)
         else:          # an odd projection output (another dtype, a strided view): the model's own ops
@@ -152,15 +175,35 @@ class FastLlamaAttention(_FastDecodeAttention, LlamaAttention):
 FAST_ATTENTIONS = {Qwen3VLTextAttention: FastQwen3VLTextAttention, LlamaAttention: FastLlamaAttention}
 
 
+class _FastMLP:
+    """transformers' Llama / Qwen3-VL text MLP, down(act(gate(x)) * up(x)), with gate and up as one call where
+    `project_many` can (a decode step); the same ops otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = project_many((self.gate_proj, self.up_proj), x)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class FastQwen3VLTextMLP(_FastMLP, Qwen3VLTextMLP):
+    pass
+
+
+class FastLlamaMLP(_FastMLP, LlamaMLP):
+    pass
+
+
+FAST_MLPS = {Qwen3VLTextMLP: FastQwen3VLTextMLP, LlamaMLP: FastLlamaMLP}
+
+
 def use_cpu_decode_(model: nn.Module) -> bool:
     """Route the causal (language-model) attention of `model` through `decode_attention` where it uses
-    sdpa, its Llama / Qwen3-VL text attention modules through `FAST_ATTENTIONS` and its RMSNorms through
-    `FAST_RMS_NORMS` (the class changes; parameters and hooks stay); a vision tower keeps its own. Returns whether anything changed; a no-op where grace's kernels cannot run."""
+    sdpa, its Llama / Qwen3-VL text attention modules and MLPs through `FAST_ATTENTIONS` / `FAST_MLPS` and its
+    RMSNorms through `FAST_RMS_NORMS` (the class changes; parameters and hooks stay); a vision tower keeps its own. Returns whether anything changed; a no-op where grace's kernels cannot run."""
     if not kernels.available():
         return False
     changed = False
     for module in model.modules():
-        fast = FAST_RMS_NORMS.get(type(module)) or FAST_ATTENTIONS.get(type(module))
+        fast = FAST_RMS_NORMS.get(type(module)) or FAST_ATTENTIONS.get(type(module)) or FAST_MLPS.get(type(module))
         if fast is not None:
             module.__class__ = fast
             changed = True

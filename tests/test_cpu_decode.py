@@ -372,3 +372,76 @@ def test_fused_decode_attention_leaves_other_cases_to_transformers(monkeypatch, 
         with torch.inference_mode():
             model.generate(**kw)
     assert calls == []
+
+
+# -- several projections of one input in one kernel call ------------------------------------------------------
+
+def _projections(kind, shapes, seed=0):
+    import grace
+    from grace.quant.bf16 import fast_bf16_linears_
+
+    torch.manual_seed(seed)
+    holder = nn.Sequential(*[nn.Linear(k, n, bias=False, dtype=torch.bfloat16) for k, n in shapes])
+    if kind == "bf16":
+        fast_bf16_linears_(holder)
+    else:
+        from grace.quant import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+        grace.quantize_(holder, Int4WeightOnlyConfig(symmetric=False) if kind == "int4" else Int8WeightOnlyConfig())
+    return tuple(holder)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind,rows", [("int4", 1), ("int4", 3), ("int8", 1), ("int8", 5), ("bf16", 1)])
+def test_project_many_is_each_projection_bit_for_bit(monkeypatch, kind, rows):
+    mods = _projections(kind, [(1024, 1024), (1024, 1024 + 256), (1024, 2048)])
+    x = torch.randn(1, rows, 1024).to(torch.bfloat16)
+    calls = _count_calls(monkeypatch, "gemv_many")
+    with torch.inference_mode():
+        got = cpu_decode.project_many(mods, x)
+        want = [m(x) for m in mods]
+    assert calls == [1]                                                   # one call for all three
+    assert all(g.shape == w.shape and torch.equal(g, w) for g, w in zip(got, want))
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["mixed", "hook", "rows", "grad", "group"])
+def test_project_many_falls_back_to_the_modules(monkeypatch, case):
+    mods = list(_projections("int4", [(1024, 1024), (1024, 1024)]))
+    x = torch.randn(1, 1, 1024).to(torch.bfloat16)
+    if case == "mixed":
+        mods[1] = _projections("int8", [(1024, 1024)])[0]
+    if case == "hook":
+        seen = []
+        mods[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    if case == "rows":
+        x = torch.randn(1, kernels.INT4_GEMV_MAX_ROWS + 1, 1024).to(torch.bfloat16)
+    if case == "grad":                                                     # autograd needs the modules' own path
+        x.requires_grad_(True)
+    if case == "group":
+        import grace
+        from grace.quant import Int4WeightOnlyConfig
+
+        holder = nn.Sequential(nn.Linear(1024, 1024, bias=False, dtype=torch.bfloat16))
+        grace.quantize_(holder, Int4WeightOnlyConfig(group_size=256))
+        mods[1] = holder[0]
+    calls = _count_calls(monkeypatch, "gemv_many")
+    context = torch.enable_grad() if case == "grad" else torch.inference_mode()
+    with context:
+        got = cpu_decode.project_many(tuple(mods), x)
+        want = [m(x) for m in mods]
+    assert calls == []
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    if case == "hook":
+        assert len(seen) == 2                                              # the hook ran for both forwards
+
+
+@needs_kernels
+def test_fused_mlp_is_transformers_mlp():
+    model, _ = _tiny()
+    cpu_decode.use_cpu_decode_(model)
+    mlps = [m for m in model.modules() if isinstance(m, cpu_decode._FastMLP)]
+    assert len(mlps) == 2 and all(type(m).__mro__[2].__name__ == "Qwen3VLTextMLP" for m in mlps)
+    x = torch.randn(1, 3, model.config.text_config.hidden_size).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(mlps[0](x), type(mlps[0]).__mro__[2].forward(mlps[0], x))

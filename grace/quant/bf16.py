@@ -22,12 +22,23 @@ KERNEL_MAX_ROWS = 16
 class FastBF16Linear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) whose few-row CPU bf16 forward uses grace's GEMV."""
 
+    def _kernel_takes(self, x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+        return (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and x.shape[-1] == self.in_features
+                and x.numel() <= rows * self.in_features and self.in_features % 32 == 0
+                and x.is_cpu and w.is_cpu and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+                and kernels.worth_it(self.out_features, self.in_features) and kernels.available())
+
+    def decode_gemv(self, x: torch.Tensor) -> tuple | None:
+        """("bf16", weight, None, out_features, 0) when this forward of one row `x` is one call of grace's GEMV
+        over whole 8-row tiles (kernels.gemv_many can then take it with its siblings), else None."""
+        w = self._parameters["weight"]
+        if self._parameters["bias"] is None and self.out_features % 8 == 0 and self._kernel_takes(x, w, 1):
+            return "bf16", w.contiguous(), None, self.out_features, 0
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, bias = self._parameters["weight"], self._parameters["bias"]   # not Module.__getattr__: ~0.5 us each
-        if (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and x.shape[-1] == self.in_features
-                and x.numel() <= KERNEL_MAX_ROWS * self.in_features and self.in_features % 32 == 0
-                and x.is_cpu and w.is_cpu and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-                and kernels.worth_it(self.out_features, self.in_features) and kernels.available()):
+        if self._kernel_takes(x, w, KERNEL_MAX_ROWS):
             if bias is None:                            # bf16 straight from the kernel: the same rounding as .to()
                 return kernels.linear_bf16(x, w, torch.bfloat16)
             return (kernels.linear_bf16(x, w) + bias.float()).to(x.dtype)

@@ -104,12 +104,16 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 13:
+    if lib.grace_kernels_version() != 14:
         return None
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T, T]
     lib.grace_gemv_int8.argtypes = [P, P, P, P, I, I, I, I, T, T]
     lib.grace_gemv_int4.argtypes = [P, P, P, P, I, I, I, I, T, T]
+    many = [P, P, P, P, P, T, I, I, I, T, T]          # x, codes[], params[], y[], N[], count, M, K, gs, threads, bf16
+    lib.grace_gemv_int4_many.argtypes = many
+    lib.grace_gemv_int8_many.argtypes = many
+    lib.grace_gemv_bf16_many.argtypes = [P, P, P, P, T, I, T, T]
     lib.grace_tile_gemm_int8.argtypes = [P, P, P, P, I, I, I, I, T, T]
     lib.grace_tile_gemm_int4.argtypes = [P, P, P, P, I, I, I, I, T, T]
     lib.grace_dequant_int8.argtypes = [P, P, P, I, I, I, I, I, T, T]
@@ -119,7 +123,8 @@ def _build() -> ctypes.CDLL | None:
     lib.grace_rms_norm.argtypes = [P, P, P, I, I, F]
     lib.grace_qk_norm_rope.argtypes = [P, P, P, P, P, P, F, F, P, P, I, I, I, I]
     for name in ("grace_tile_gemm_int8", "grace_tile_gemm_int4", "grace_rms_norm", "grace_qk_norm_rope", "grace_attention_decode",
-                 "grace_gemv_bf16", "grace_gemv_int8", "grace_gemv_int4", "grace_dequant_int8", "grace_dequant_int4"):
+                 "grace_gemv_bf16", "grace_gemv_int8", "grace_gemv_int4", "grace_dequant_int8", "grace_dequant_int4",
+                 "grace_gemv_int4_many", "grace_gemv_int8_many", "grace_gemv_bf16_many"):
         getattr(lib, name).restype = None
     return lib
 
@@ -213,6 +218,33 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     INT4_GEMV_MAX_ROWS rows, the tile GEMM above."""
     return _quantized_linear("grace_gemv_int4", "grace_tile_gemm_int4", INT4_GEMV_MAX_ROWS, x, packed,
                              scales_and_zeros, group_size, n, dtype)
+
+
+MANY_MAX = 8          # weights per call (the C side's tile table)
+
+
+def gemv_many(kind: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None, int]],
+              group_size: int = 0) -> list[torch.Tensor]:
+    """x @ W.T for several weights at once, bf16 out: kind "int4" / "int8" [(codes, params, N), ...] in the
+    tiled layouts (at most INT4_GEMV_MAX_ROWS / INT8_GEMV_MAX_ROWS rows), or "bf16" [(weight, None, N), ...]
+    for one row (every N a multiple of 8). The same tiles as one GEMV each, so the same bits, in one call and
+    one parallel region: a layer's q / k / v or gate / up projections read x once and pay one call."""
+    x = x.contiguous()
+    k = x.shape[-1]
+    outs = [_output(x, n, torch.bfloat16) for _, _, n in weights]
+    count = len(weights)
+    ptrs = lambda values: (ctypes.c_void_p * count)(*values)   # noqa: E731
+    ns = (ctypes.c_int64 * count)(*[n for _, _, n in weights])
+    ys = ptrs([y.data_ptr() for y in outs])
+    lib = library()
+    if kind == "bf16":
+        lib.grace_gemv_bf16_many(x.data_ptr(), ptrs([w.data_ptr() for w, _, _ in weights]), ys, ns, count, k,
+                                 _threads(), 1)
+    else:
+        fn = lib.grace_gemv_int4_many if kind == "int4" else lib.grace_gemv_int8_many
+        fn(x.data_ptr(), ptrs([c.data_ptr() for c, _, _ in weights]), ptrs([q.data_ptr() for _, q, _ in weights]),
+           ys, ns, count, x.numel() // k, k, group_size, _threads(), 1)
+    return outs
 
 
 # -- dequantize (bit-identical to the modules' dequantize()) and the bf16 GEMM ------------------------------

@@ -25,7 +25,7 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 13; }
+int grace_kernels_version(void) { return 14; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
@@ -165,6 +165,19 @@ ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *wt, void *y, int yb, in
     for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) put(y, yb, (m0 + i) * N + n0 + r, _mm512_reduce_add_ps(acc[i][r]));
 }
 
+// one row, several weights of whole 8-row tiles (N % 8 == 0) reading the same x, as for the quantized GEMVs
+void grace_gemv_bf16_many(const uint16_t *x, const uint16_t *const *ws, void *const *ys, const int64_t *Ns, int count,
+                          int64_t K, int nt, int yb) {
+    int64_t first[9] = {0};
+    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < first[count]; t++) {
+        int w = 0;
+        while (t >= first[w + 1]) w++;
+        int64_t n0 = (t - first[w]) * 8;
+        bf16_tile(x, ws[w] + n0 * K, ys[w], yb, Ns[w], K, n0, 0, 1, 8);
+    }
+}
 void grace_gemv_bf16(const uint16_t *x, const uint16_t *w, void *y, int64_t M, int64_t N, int64_t K, int nt, int yb) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < (N + 3) / 4; b++) {
@@ -217,15 +230,28 @@ ALWAYS void int8_tile(const uint16_t *x, const int8_t *q, const uint16_t *s, voi
     for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) put(y, yb, (m0 + i) * N + b * 8 + r, _mm512_reduce_add_ps(tot[i][r]));
 }
 
-void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N, int64_t K,
-                     int64_t gs, int nt, int yb) {
+void grace_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, const uint16_t *const *ss, void *const *ys,
+                          const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
+    int64_t first[9] = {0};
+    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t b = 0; b < N / 8; b++)
+    for (int64_t t = 0; t < first[count]; t++) {
+        int w = 0;
+        while (t >= first[w + 1]) w++;
+        const int8_t *q = qs[w];
+        const uint16_t *s = ss[w];
+        void *y = ys[w];
+        int64_t N = Ns[w], b = t - first[w];
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             int64_t mm = M - m0 < 4 ? M - m0 : 4;
 #define I8_CALL(T) int8_tile(x, q, s, y, yb, N, K, gs, b, m0, T)
             FOR_M(mm, I8_CALL);
         }
+    }
+}
+void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N, int64_t K,
+                     int64_t gs, int nt, int yb) {
+    grace_gemv_int8_many(x, &q, &s, &y, &N, 1, M, K, gs, nt, yb);
 }
 
 // ---- int4 tiles: a nibble or'ed into 0x4300 is the bf16 number 128 + c, so each nibble vector is a bf16
@@ -276,9 +302,12 @@ ALWAYS void int4_tile(const uint16_t *xp, const float *sx, const uint8_t *p, con
         for (int r = 0; r < R; r++) put(y, yb, (m0 + i) * N + b * 8 + r0 + r, _mm512_reduce_add_ps(tot[i][r]) + off[i][r]);
 }
 
-void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N, int64_t K,
-                     int64_t gs, int nt, int yb) {
-    int64_t G = K / gs;
+// Several weights that read the same x (a layer's q / k / v or gate / up projections) in one call: one prologue,
+// one parallel region over all their tiles (weight w's tiles follow weight w-1's), one output each.
+void grace_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uint16_t *const *szs, void *const *ys,
+                          const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
+    int64_t G = K / gs, first[9] = {0};
+    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
     uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * M * K);
     float *sx = (float *)malloc(sizeof(float) * M * G);
     // x in the nibble order (each 128-chunk de-interleaved by 4) and its group sums, vectorized: done by one
@@ -307,7 +336,13 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
         }
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t b = 0; b < N / 8; b++) {
+    for (int64_t t = 0; t < first[count]; t++) {
+        int w = 0;
+        while (t >= first[w + 1]) w++;
+        const uint8_t *p = ps[w];
+        const uint16_t *sz = szs[w];
+        void *y = ys[w];
+        int64_t N = Ns[w], b = t - first[w];
         // pairs of activation rows x the whole tile per pass: each byte is unpacked once per pair (half-tile
         // passes unpacked it twice and were 25-30 % slower at two rows, though 32 sums in flight spill a little)
         for (int64_t m0 = 0; m0 < M; m0 += 2) {
@@ -317,6 +352,10 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
     }
     free(xp);
     free(sx);
+}
+void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N, int64_t K,
+                     int64_t gs, int nt, int yb) {
+    grace_gemv_int4_many(x, &p, &sz, &y, &N, 1, M, K, gs, nt, yb);
 }
 // ---- more activation rows (M > TILE_GEMM_MIN_ROWS in kernels.py): each thread dequantizes one 8-row tile at a time
 // into a bf16 buffer of 8 x K (L1 / L2), bit-identical to the dequantizers, and meets it with every activation
