@@ -2,7 +2,7 @@
 in place.
 
 Once the linears read their weights near the memory wall (quant/kernels.py), the rest of a decode step is
-what is left, and four parts of it together cost as much as a quantized model's decoder weights:
+what is left, and these parts of it together cost as much as a quantized model's decoder weights:
 
 - transformers' "sdpa" attention hands a grouped-query decode step (Qwen3-VL: 16 query heads over 8
   key/value heads) to torch with `enable_gqa=True`, which on the CPU runs ~0.5 ms per layer for a
@@ -14,7 +14,8 @@ what is left, and four parts of it together cost as much as a quantized model's 
 - Between its projections and the cache, the attention module of a decode step runs the query and key heads'
   norms and the rotary embedding (seven ops for each of q and k) and an attention-function dispatch; the
   `FAST_ATTENTIONS` classes take such a step in one kernel for norms and rotary (the norms as `rms_norm`, the
-  rotary bit for bit), the cache update and the attention kernel: ~1.5-4 ms of a 2B step saved.
+  rotary bit for bit), the cache update and the attention kernel: ~1.5-4 ms of a 2B step saved. Their q / k / v
+  projections, and the MLPs' gate / up (`FAST_MLPS`), go to the kernels as one call each (`project_many`).
 - `DynamicCache` concatenates each layer's keys and values with the new token's at every step, copying
   the whole cache (two per layer, 56 per 2B step). `GrowingCache` keeps them in buffers with spare room
   and writes the new token in place; what it returns are views of the filled part, the same values.
