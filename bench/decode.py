@@ -114,7 +114,7 @@ class Variants:
                 m.__class__ = cls
         torch_rest = name in TORCH_ATTENTION
         for m in self.model.modules():
-            for plain, fast in {**cpu_decode.FAST_RMS_NORMS, **cpu_decode.FAST_ATTENTIONS}.items():
+            for plain, fast in {**cpu_decode.FAST_RMS_NORMS, **cpu_decode.FAST_ATTENTIONS, **cpu_decode.FAST_MLPS}.items():
                 if type(m) in (plain, fast):
                     m.__class__ = plain if torch_rest else fast
         self.model.config.text_config._attn_implementation = "sdpa" if torch_rest else cpu_decode.ATTENTION

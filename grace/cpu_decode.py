@@ -33,11 +33,14 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
+from transformers.models.qwen3_vl import modeling_qwen3_vl
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextAttention, Qwen3VLTextMLP, Qwen3VLTextRMSNorm
 
 from .quant import kernels
@@ -90,10 +93,11 @@ FAST_RMS_NORMS = {Qwen3VLTextRMSNorm: FastQwen3VLTextRMSNorm, LlamaRMSNorm: Fast
 
 
 def _hooked(module: nn.Module) -> bool:
-    from torch.nn.modules import module as torch_module
-
+    """Whether calling past `module.forward` would skip something: torch hooks, or a forward replaced on the
+    instance (accelerate's hooks do that)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
+                or torch_module._global_forward_pre_hooks or "forward" in module.__dict__
+                or hasattr(module, "_hf_hook"))
 
 
 def project_many(modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
@@ -116,7 +120,7 @@ def _norm_of(module: nn.Module | None) -> tuple[torch.Tensor, float] | None:
     """(weight, eps) of a Llama / Qwen3 RMSNorm, None for no module; anything else is not ours to fuse."""
     if module is None:
         return None
-    if type(module) not in FAST_RMS_NORMS and type(module) not in FAST_RMS_NORMS.values():
+    if type(module) not in FAST_RMS_NORMS.values() or _hooked(module):     # the kernel is what these run
         raise LookupError
     return module._parameters["weight"], module.variance_epsilon
 
@@ -160,17 +164,16 @@ class _FastDecodeAttention:
         q, k = q.reshape(b, 1, -1, d), k.reshape(b, 1, -1, d)
         if getattr(self, "q_norm", None) is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rotary = inspect.getmodule(type(self).__mro__[2]).apply_rotary_pos_emb
-        q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = self._apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q.reshape(b, 1, -1), k.reshape(b, 1, -1)
 
 
 class FastQwen3VLTextAttention(_FastDecodeAttention, Qwen3VLTextAttention):
-    pass
+    _apply_rotary = staticmethod(modeling_qwen3_vl.apply_rotary_pos_emb)
 
 
 class FastLlamaAttention(_FastDecodeAttention, LlamaAttention):
-    pass
+    _apply_rotary = staticmethod(modeling_llama.apply_rotary_pos_emb)
 
 
 FAST_ATTENTIONS = {Qwen3VLTextAttention: FastQwen3VLTextAttention, LlamaAttention: FastLlamaAttention}

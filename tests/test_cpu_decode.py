@@ -320,22 +320,25 @@ def _tiny_llama():
 
 
 @needs_kernels
-@pytest.mark.parametrize("which", ["qwen3vl", "llama"])
+@pytest.mark.parametrize("which", ["qwen3vl", "llama", "qwen3vl-batch2"])
 def test_fused_decode_attention_gives_the_module_path_bit_for_bit(monkeypatch, which):
     """The fused step (projections, one norm-and-rotary kernel, cache, attention kernel, o_proj) against the
     same model with transformers' attention forward on grace's attention function: the same tokens and scores."""
-    model = _tiny()[0] if which == "qwen3vl" else _tiny_llama()
+    model = _tiny_llama() if which == "llama" else _tiny()[0]
     cpu_decode.use_cpu_decode_(model)
     fused = [m for m in model.modules() if isinstance(m, cpu_decode._FastDecodeAttention)]
     assert len(fused) == 2
     calls = _count_calls(monkeypatch, "qk_norm_rope")
-    ids = torch.randint(5, 250, (1, 33), generator=torch.Generator().manual_seed(7))
+    batch = 2 if which.endswith("batch2") else 1                       # equal lengths: no mask, the fused step
+    ids = torch.randint(5, 250, (batch, 33), generator=torch.Generator().manual_seed(7))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+              do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
     with torch.inference_mode():
-        tokens, scores = _greedy(model, ids, 10, **cpu_decode.cache_kwargs(model))
+        out = model.generate(**kw, **cpu_decode.cache_kwargs(model))
         assert len(calls) == 9 * 2                                     # every decode step, every layer
         _plain_attention_(model)
-        ref_tokens, ref_scores = _greedy(model, ids, 10, **cpu_decode.cache_kwargs(model))
-    assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores)
+        ref = model.generate(**kw, **cpu_decode.cache_kwargs(model))
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(torch.stack(out.scores), torch.stack(ref.scores))
 
 
 @needs_kernels
@@ -351,12 +354,17 @@ def test_fused_decode_attention_torch_fallback_for_odd_projections(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("case", ["padding", "grad", "sdpa", "fp32"])
+@pytest.mark.parametrize("case", ["padding", "grad", "sdpa", "fp32", "norm_hook"])
 def test_fused_decode_attention_leaves_other_cases_to_transformers(monkeypatch, case):
     model, _ = _tiny(torch.float32 if case == "fp32" else torch.bfloat16)
     cpu_decode.use_cpu_decode_(model)
     if case == "sdpa":                                                 # an operator's own attention choice
         model.config.text_config._attn_implementation = "sdpa"
+    seen = []
+    if case == "norm_hook":                                            # the fused kernel would skip it
+        for m in model.modules():
+            if isinstance(m, cpu_decode._FastDecodeAttention):
+                m.q_norm.register_forward_hook(lambda *a: seen.append(1))
     calls = _count_calls(monkeypatch, "qk_norm_rope")
     ids = torch.randint(5, 250, (2, 12), generator=torch.Generator().manual_seed(9))
     mask = torch.ones_like(ids)
@@ -372,6 +380,8 @@ def test_fused_decode_attention_leaves_other_cases_to_transformers(monkeypatch, 
         with torch.inference_mode():
             model.generate(**kw)
     assert calls == []
+    if case == "norm_hook":
+        assert len(seen) == 2 * 4                                      # both layers, prefill and 3 decode steps
 
 
 # -- several projections of one input in one kernel call ------------------------------------------------------
@@ -392,7 +402,8 @@ def _projections(kind, shapes, seed=0):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind,rows", [("int4", 1), ("int4", 3), ("int8", 1), ("int8", 5), ("bf16", 1)])
+@pytest.mark.parametrize("kind,rows", [("int4", 1), ("int4", 3), ("int4", 6), ("int8", 1), ("int8", 5), ("int8", 7),
+                                       ("bf16", 1)])
 def test_project_many_is_each_projection_bit_for_bit(monkeypatch, kind, rows):
     mods = _projections(kind, [(1024, 1024), (1024, 1024 + 256), (1024, 2048)])
     x = torch.randn(1, rows, 1024).to(torch.bfloat16)
@@ -437,11 +448,45 @@ def test_project_many_falls_back_to_the_modules(monkeypatch, case):
 
 
 @needs_kernels
-def test_fused_mlp_is_transformers_mlp():
+def test_use_cpu_decode_swaps_the_text_mlps():
     model, _ = _tiny()
     cpu_decode.use_cpu_decode_(model)
     mlps = [m for m in model.modules() if isinstance(m, cpu_decode._FastMLP)]
-    assert len(mlps) == 2 and all(type(m).__mro__[2].__name__ == "Qwen3VLTextMLP" for m in mlps)
-    x = torch.randn(1, 3, model.config.text_config.hidden_size).to(torch.bfloat16)
+    assert len(mlps) == 2 and all(isinstance(m, cpu_decode.FastQwen3VLTextMLP) for m in mlps)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+@pytest.mark.parametrize("rows", [1, 9])
+def test_fused_mlp_is_transformers_mlp_bit_for_bit(monkeypatch, kind, rows):
+    """Large enough for grace's kernels: gate and up in one call for a decode row, the modules' own path for 9."""
+    import grace
+    from transformers import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextMLP
+    from grace.quant import Int4WeightOnlyConfig
+    from grace.quant.bf16 import fast_bf16_linears_
+
+    torch.manual_seed(0)
+    mlp = Qwen3VLTextMLP(Qwen3VLTextConfig(hidden_size=1024, intermediate_size=1024, hidden_act="silu")).to(torch.bfloat16)
+    if kind == "bf16":
+        fast_bf16_linears_(mlp)
+    else:
+        grace.quantize_(mlp, Int4WeightOnlyConfig(symmetric=False), filter_fn=lambda m, name: isinstance(m, nn.Linear))
+    x = torch.randn(1, rows, 1024).to(torch.bfloat16)
     with torch.inference_mode():
-        assert torch.equal(mlps[0](x), type(mlps[0]).__mro__[2].forward(mlps[0], x))
+        want = mlp(x)
+        mlp.__class__ = cpu_decode.FastQwen3VLTextMLP
+        calls = _count_calls(monkeypatch, "gemv_many")
+        got = mlp(x)
+    assert calls == ([1] if rows == 1 else []) and torch.equal(got, want)
+
+
+def test_gemv_many_refuses_what_the_kernels_cannot_take():
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    w = torch.zeros(16, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError):
+        kernels.gemv_many("bf16", x, [(w, None, 16)])                 # bf16: one row only
+    with pytest.raises(ValueError):
+        kernels.gemv_many("bf16", x[:1], [(w[:12], None, 12)])        # whole 8-row tiles only
+    with pytest.raises(ValueError):
+        kernels.gemv_many("bf16", x[:1], [(w, None, 16)] * (kernels.MANY_MAX + 1))

@@ -32,7 +32,8 @@ class FastBF16Linear(nn.Linear):
         """("bf16", weight, None, out_features, 0) when this forward of one row `x` is one call of grace's GEMV
         over whole 8-row tiles (kernels.gemv_many can then take it with its siblings), else None."""
         w = self._parameters["weight"]
-        if self._parameters["bias"] is None and self.out_features % 8 == 0 and self._kernel_takes(x, w, 1):
+        if (self._parameters["bias"] is None and self.out_features % 8 == 0 and x.numel() == self.in_features
+                and self._kernel_takes(x, w, 1)):
             return "bf16", w.contiguous(), None, self.out_features, 0
         return None
 

@@ -104,7 +104,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 14:
+    if lib.grace_kernels_version() != 15:
         return None
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T, T]
@@ -231,8 +231,10 @@ def gemv_many(kind: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, torc
     one parallel region: a layer's q / k / v or gate / up projections read x once and pay one call."""
     x = x.contiguous()
     k = x.shape[-1]
-    outs = [_output(x, n, torch.bfloat16) for _, _, n in weights]
     count = len(weights)
+    if not 1 <= count <= MANY_MAX or any(n % 8 for _, _, n in weights) or (kind == "bf16" and x.numel() != k):
+        raise ValueError(f"gemv_many takes 1-{MANY_MAX} weights of whole 8-row tiles (bf16: one row)")
+    outs = [_output(x, n, torch.bfloat16) for _, _, n in weights]
     ptrs = lambda values: (ctypes.c_void_p * count)(*values)   # noqa: E731
     ns = (ctypes.c_int64 * count)(*[n for _, _, n in weights])
     ys = ptrs([y.data_ptr() for y in outs])

@@ -25,14 +25,24 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 14; }
+int grace_kernels_version(void) { return 15; }
 #define ALWAYS static inline __attribute__((always_inline))
+#define MANY_MAX 8           // weights per *_many call (kernels.MANY_MAX)
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
 
 // 16 bf16 -> fp32 (exact)
 static inline __m512 bf16x16_to_ps(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+// the sum of 16 lanes in a fixed order (halves, then quarters, then (l0 + l2) + (l1 + l3)), whatever the compiler's
+// _mm512_reduce_add_ps does: bf16_tile's 4x4 blocks reproduce it, so every row gets the same bits at any M
+static inline float hsum(__m512 v) {
+    __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), _mm512_castps512_ps256(v));
+    __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+    __m128 p = _mm_add_ps(q, _mm_permute_ps(q, 0x4E));
+    return _mm_cvtss_f32(p) + _mm_cvtss_f32(_mm_permute_ps(p, 0x55));
 }
 
 // ---- dequantize rows n0 .. n0+rows-1 into bf16 [rows, K], as the modules' dequantize(): one rounding to
@@ -145,30 +155,32 @@ ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *wt, void *y, int yb, in
             for (int i = 0; i < MM; i++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv[i], wv);
         }
     }
-    if (MM == 4 && R == 4) {      // 16 sums at once: 45 shuffles and adds where 16 separate reductions take ~130
-        __m512 t[8], u[4];
-        for (int j = 0; j < 8; j++) {
-            __m512 a = acc[j / 2][(2 * j) % 4], b = acc[j / 2][(2 * j) % 4 + 1];
-            t[j] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    if (MM == 4 && R == 4) {
+        // 16 sums at once (~50 shuffles and adds where 16 separate reductions take ~130), each in hsum's order, so
+        // a row's result does not depend on how many rows share the call
+        __m512 c[8], e[4];
+        for (int p = 0; p < 8; p++) {        // lanes j < 8 of a vector: v[j] + v[j + 8], two vectors per register
+            __m512 a = acc[p / 2][(2 * p) % 4], b = acc[p / 2][(2 * p) % 4 + 1];
+            c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
         }
-        for (int j = 0; j < 4; j++) {
-            __m512d a = _mm512_castps_pd(t[2 * j]), b = _mm512_castps_pd(t[2 * j + 1]);
-            u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+        for (int q = 0; q < 4; q++)          // then lanes j < 4: + lane j + 4; 128-bit block k = vector 4q + k
+            e[q] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0x88),
+                                 _mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0xDD));
+        for (int q = 0; q < 4; q++) {        // then (l0 + l2) + (l1 + l3) within each block
+            __m512 f = _mm512_add_ps(e[q], _mm512_permute_ps(e[q], 0x4E));
+            float sums[16];
+            _mm512_storeu_ps(sums, _mm512_add_ps(f, _mm512_permute_ps(f, 0xB1)));
+            for (int r = 0; r < 4; r++) put(y, yb, (m0 + q) * N + n0 + r, sums[4 * r]);
         }
-        __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-        __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-        float s[16];
-        _mm512_storeu_ps(s, _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD)));
-        for (int i = 0; i < 4; i++) for (int r = 0; r < 4; r++) put(y, yb, (m0 + i) * N + n0 + r, s[4 * i + r]);
         return;
     }
-    for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) put(y, yb, (m0 + i) * N + n0 + r, _mm512_reduce_add_ps(acc[i][r]));
+    for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) put(y, yb, (m0 + i) * N + n0 + r, hsum(acc[i][r]));
 }
 
 // one row, several weights of whole 8-row tiles (N % 8 == 0) reading the same x, as for the quantized GEMVs
 void grace_gemv_bf16_many(const uint16_t *x, const uint16_t *const *ws, void *const *ys, const int64_t *Ns, int count,
                           int64_t K, int nt, int yb) {
-    int64_t first[9] = {0};
+    int64_t first[MANY_MAX + 1] = {0};
     for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < first[count]; t++) {
@@ -232,7 +244,7 @@ ALWAYS void int8_tile(const uint16_t *x, const int8_t *q, const uint16_t *s, voi
 
 void grace_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, const uint16_t *const *ss, void *const *ys,
                           const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
-    int64_t first[9] = {0};
+    int64_t first[MANY_MAX + 1] = {0};
     for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < first[count]; t++) {
@@ -306,7 +318,7 @@ ALWAYS void int4_tile(const uint16_t *xp, const float *sx, const uint8_t *p, con
 // one parallel region over all their tiles (weight w's tiles follow weight w-1's), one output each.
 void grace_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uint16_t *const *szs, void *const *ys,
                           const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
-    int64_t G = K / gs, first[9] = {0};
+    int64_t G = K / gs, first[MANY_MAX + 1] = {0};
     for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
     uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * M * K);
     float *sx = (float *)malloc(sizeof(float) * M * G);
@@ -491,7 +503,7 @@ void grace_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t
 // are exact in fp32, so this is torch's result bit for bit). x [B, H*D] -> out (may be x); cos, sin [B, D].
 static void norm_rope_heads(const uint16_t *x, uint16_t *out, const uint16_t *w, float eps, const uint16_t *cs,
                             const uint16_t *sn, int64_t H, int64_t D) {
-    uint16_t t[512];
+    uint16_t t[256];                     // D <= 256 (kernels.qk_norm_rope_usable)
     int64_t half = D / 2;
     for (int64_t h = 0; h < H; h++) {
         const uint16_t *xh = x + h * D;

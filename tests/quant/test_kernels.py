@@ -203,3 +203,14 @@ def test_fallback_when_the_compiler_fails(tmp_path):
                              env={**os.environ, "GRACE_KERNEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT), **env})
         assert run.returncode == 0, run.stderr
         assert "torch.Size([1, 16])" in run.stdout
+
+
+@needs_kernels
+def test_bf16_gemv_rows_do_not_depend_on_the_row_count():
+    """The 4x4-block reduction sums in the same order as the one-row path: batched rows get single-row bits."""
+    torch.manual_seed(0)
+    w = (torch.randn(1024, 2048) * 0.02).to(torch.bfloat16)
+    x = torch.randn(16, 2048).to(torch.bfloat16)
+    one_by_one = torch.cat([kernels.linear_bf16(x[i:i + 1], w) for i in range(16)])
+    for m in (2, 4, 5, 8, 16):
+        assert torch.equal(kernels.linear_bf16(x[:m], w), one_by_one[:m])
