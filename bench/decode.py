@@ -113,12 +113,13 @@ class Variants:
             if type(m) in (nn.Linear, FastBF16Linear):
                 m.__class__ = cls
         torch_rest = name in TORCH_ATTENTION
+        plain_of = {fast: plain for plain, fast in cpu_decode.FAST_CLASSES.items()}
         for m in self.model.modules():
-            for plain, fast in {**cpu_decode.FAST_RMS_NORMS, **cpu_decode.FAST_ATTENTIONS, **cpu_decode.FAST_MLPS}.items():
-                if type(m) in (plain, fast):
-                    m.__class__ = plain if torch_rest else fast
+            plain = plain_of.get(type(m), type(m))
+            if plain in cpu_decode.FAST_CLASSES:
+                m.__class__ = plain if torch_rest else cpu_decode.FAST_CLASSES[plain]
         self.model.config.text_config._attn_implementation = "sdpa" if torch_rest else cpu_decode.ATTENTION
-        self.grace_cache = name not in TORCH_ATTENTION
+        self.grace_cache = not torch_rest
 
     def step_bytes(self) -> int:
         """Weight bytes one decode step reads: decoder linears and lm_head as currently held."""

@@ -20,9 +20,9 @@ what is left, and these parts of it together cost as much as a quantized model's
   the whole cache (two per layer, 56 per 2B step). `GrowingCache` keeps them in buffers with spare room
   and writes the new token in place; what it returns are views of the filled part, the same values.
 
-`use_cpu_decode_(model)` switches a loaded model's text attention modules, attention function and RMSNorms
-over; `cache_kwargs(model)` is what the generate calls in grace pass for the cache. Both are plain per-model state: nothing
-process-wide is flipped, so threads serving several models at once do not meet.
+`use_cpu_decode_(model)` switches a loaded model's text attention modules, MLPs, attention function and
+RMSNorms over; `cache_kwargs(model)` is what the generate calls in grace pass for the cache. Both are plain
+per-model state: nothing process-wide is flipped, so threads serving several models at once do not meet.
 """
 
 from __future__ import annotations
@@ -197,17 +197,20 @@ class FastLlamaMLP(_FastMLP, LlamaMLP):
 
 
 FAST_MLPS = {Qwen3VLTextMLP: FastQwen3VLTextMLP, LlamaMLP: FastLlamaMLP}
+# every class `use_cpu_decode_` swaps, transformers' -> grace's
+FAST_CLASSES = {**FAST_RMS_NORMS, **FAST_ATTENTIONS, **FAST_MLPS}
 
 
 def use_cpu_decode_(model: nn.Module) -> bool:
     """Route the causal (language-model) attention of `model` through `decode_attention` where it uses
-    sdpa, its Llama / Qwen3-VL text attention modules and MLPs through `FAST_ATTENTIONS` / `FAST_MLPS` and its
-    RMSNorms through `FAST_RMS_NORMS` (the class changes; parameters and hooks stay); a vision tower keeps its own. Returns whether anything changed; a no-op where grace's kernels cannot run."""
+    sdpa, and its Llama / Qwen3-VL text attention modules, MLPs and RMSNorms through `FAST_CLASSES` (the class
+    changes; parameters and hooks stay); a vision tower keeps its own. Returns whether anything changed; a
+    no-op where grace's kernels cannot run."""
     if not kernels.available():
         return False
     changed = False
     for module in model.modules():
-        fast = FAST_RMS_NORMS.get(type(module)) or FAST_ATTENTIONS.get(type(module)) or FAST_MLPS.get(type(module))
+        fast = FAST_CLASSES.get(type(module))
         if fast is not None:
             module.__class__ = fast
             changed = True
