@@ -93,6 +93,7 @@ class Int4Linear(QuantizedLinear):
     """A linear layer whose weight is 4-bit codes with group-wise scale and zero."""
 
     bits = 4
+    _decode_kernel = ("int4", "weight_packed", "scales_and_zeros")      # decode_gemv: kind, codes and params buffers
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
@@ -172,14 +173,6 @@ class Int4Linear(QuantizedLinear):
         return w.to(self.scales_and_zeros.dtype)
 
     # -- compute ----------------------------------------------------------------------------------
-    def decode_gemv(self, x: torch.Tensor) -> tuple | None:
-        """(kind, codes, params, out_features, group_size) when this forward of `x` would be one GEMV call of
-        grace's kernels (kernels.gemv_many can then take it together with its siblings), else None."""
-        packed, sz = self._buffers["weight_packed"], self._buffers["scales_and_zeros"]
-        if self._bf16_kernel_takes(x, packed, sz, kernels.INT4_GEMV_MAX_ROWS):
-            return "int4", packed, sz, self.out_features, self.group_size
-        return None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a decode step's path first, with as little Python as possible
         buffers = self._buffers                        # not Module.__getattr__: ~0.5 us a lookup

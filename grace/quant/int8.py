@@ -37,6 +37,7 @@ TILE = 8
 
 class Int8Linear(QuantizedLinear):
     bits = 8
+    _decode_kernel = ("int8", "qweight", "scales")      # decode_gemv: kind, codes and params buffers
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
@@ -103,14 +104,6 @@ class Int8Linear(QuantizedLinear):
         return self.codes().to(scales.dtype) * scales
 
     # -- compute ----------------------------------------------------------------------------------
-    def decode_gemv(self, x: torch.Tensor) -> tuple | None:
-        """(kind, codes, params, out_features, group_size) when this forward of `x` would be one GEMV call of
-        grace's kernels (kernels.gemv_many can then take it together with its siblings), else None."""
-        q, s = self._buffers["qweight"], self._buffers["scales"]
-        if self._bf16_kernel_takes(x, q, s, kernels.INT8_GEMV_MAX_ROWS):
-            return "int8", q, s, self.out_features, self.group_size
-        return None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a decode step's path first, with as little Python as possible
         buffers = self._buffers                        # not Module.__getattr__: ~0.5 us a lookup

@@ -190,6 +190,11 @@ INT4_GEMV_MAX_ROWS = 6
 INT8_GEMV_MAX_ROWS = 7
 
 
+def gemv_max_rows(kind: str) -> int:
+    """Up to how many rows the GEMV of "int4" / "int8" weights runs (read at each call)."""
+    return INT4_GEMV_MAX_ROWS if kind == "int4" else INT8_GEMV_MAX_ROWS
+
+
 def _quantized_linear(gemv: str, tile_gemm: str, gemv_max_rows: int, x: torch.Tensor, codes: torch.Tensor,
                       params: torch.Tensor, group_size: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     """The GEMV (named `gemv` in the library) up to `gemv_max_rows` rows, the tile GEMM above."""

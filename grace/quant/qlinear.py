@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import kernels
 
 _RESTORE_LOCK = threading.Lock()
 
@@ -21,6 +22,7 @@ class QuantizedLinear(nn.Module):
     tensors were moved behind the module's back (ZeroGPU moves tensors that way)."""
 
     bits: ClassVar[int]
+    _decode_kernel: ClassVar[tuple[str, str, str]]     # (kind, codes buffer, params buffer) for decode_gemv
     layout: str
     _stored_for: tuple
 
@@ -68,6 +70,15 @@ class QuantizedLinear(nn.Module):
                 and x.numel() <= max_rows * self.in_features and self.bias is None and codes.is_cpu
                 and params.dtype is torch.bfloat16 and x.is_cpu
                 and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def decode_gemv(self, x: torch.Tensor) -> tuple | None:
+        """(kind, codes, params, out_features, group_size) when this forward of `x` would be one GEMV call of
+        grace's kernels (kernels.gemv_many can then take it together with its siblings), else None."""
+        kind, codes, params = self._decode_kernel
+        codes, params = self._buffers[codes], self._buffers[params]
+        if self._bf16_kernel_takes(x, codes, params, kernels.gemv_max_rows(kind)):
+            return kind, codes, params, self.out_features, self.group_size
+        return None
 
     def _apply(self, fn, recurse=True):
         device = self._tensors_now()[0]
