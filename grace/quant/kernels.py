@@ -68,6 +68,22 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
+_P, _I, _T, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_GEMV = [_P, _P, _P, _P, _I, _I, _I, _I, _T, _T]        # x, codes, params, y, M, N, K, group, threads, bf16 out
+_MANY = [_P, _P, _P, _P, _P, _T, _I, _I, _I, _T, _T]    # x, codes[], params[], y[], N[], count, M, K, group, threads, bf16
+_DEQUANT = [_P, _P, _P, _I, _I, _I, _I, _I, _T, _T]     # codes, params, out, N, K, group, start, rows, threads, stream
+# every library function: its argument types (all return void)
+_SIGNATURES = {
+    "grace_gemv_bf16": [_P, _P, _P, _I, _I, _I, _T, _T], "grace_gemv_bf16_many": [_P, _P, _P, _P, _T, _I, _T, _T],
+    "grace_gemv_int8": _GEMV, "grace_gemv_int4": _GEMV, "grace_gemv_int8_many": _MANY, "grace_gemv_int4_many": _MANY,
+    "grace_tile_gemm_int8": _GEMV, "grace_tile_gemm_int4": _GEMV,
+    "grace_dequant_int8": _DEQUANT, "grace_dequant_int4": _DEQUANT,
+    "grace_attention_decode": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _F, _T],
+    "grace_rms_norm": [_P, _P, _P, _I, _I, _F],
+    "grace_qk_norm_rope": [_P, _P, _P, _P, _P, _P, _F, _F, _P, _P, _I, _I, _I, _I],
+}
+
+
 def _build() -> ctypes.CDLL | None:
     if os.environ.get("GRACE_CPU_KERNELS", "1") == "0":
         return None
@@ -106,26 +122,9 @@ def _build() -> ctypes.CDLL | None:
         return None
     if lib.grace_kernels_version() != 15:
         return None
-    P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.grace_gemv_bf16.argtypes = [P, P, P, I, I, I, T, T]
-    lib.grace_gemv_int8.argtypes = [P, P, P, P, I, I, I, I, T, T]
-    lib.grace_gemv_int4.argtypes = [P, P, P, P, I, I, I, I, T, T]
-    many = [P, P, P, P, P, T, I, I, I, T, T]          # x, codes[], params[], y[], N[], count, M, K, gs, threads, bf16
-    lib.grace_gemv_int4_many.argtypes = many
-    lib.grace_gemv_int8_many.argtypes = many
-    lib.grace_gemv_bf16_many.argtypes = [P, P, P, P, T, I, T, T]
-    lib.grace_tile_gemm_int8.argtypes = [P, P, P, P, I, I, I, I, T, T]
-    lib.grace_tile_gemm_int4.argtypes = [P, P, P, P, I, I, I, I, T, T]
-    lib.grace_dequant_int8.argtypes = [P, P, P, I, I, I, I, I, T, T]
-    lib.grace_dequant_int4.argtypes = [P, P, P, I, I, I, I, I, T, T]
-    F = ctypes.c_float
-    lib.grace_attention_decode.argtypes = [P, P, P, P, I, I, I, I, I, I, I, I, I, I, I, F, T]
-    lib.grace_rms_norm.argtypes = [P, P, P, I, I, F]
-    lib.grace_qk_norm_rope.argtypes = [P, P, P, P, P, P, F, F, P, P, I, I, I, I]
-    for name in ("grace_tile_gemm_int8", "grace_tile_gemm_int4", "grace_rms_norm", "grace_qk_norm_rope", "grace_attention_decode",
-                 "grace_gemv_bf16", "grace_gemv_int8", "grace_gemv_int4", "grace_dequant_int8", "grace_dequant_int4",
-                 "grace_gemv_int4_many", "grace_gemv_int8_many", "grace_gemv_bf16_many"):
-        getattr(lib, name).restype = None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
     return lib
 
 
