@@ -177,15 +177,25 @@ ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *wt, void *y, int yb, in
     for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) put(y, yb, (m0 + i) * N + n0 + r, hsum(acc[i][r]));
 }
 
+// a *_many call's tiles: weight w's N[w] / 8 tiles follow weight w-1's; first[w] is weight w's first tile
+static inline int64_t tile_table(const int64_t *Ns, int count, int64_t *first) {
+    first[0] = 0;
+    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
+    return first[count];
+}
+static inline int weight_of(const int64_t *first, int64_t t) {
+    int w = 0;
+    while (t >= first[w + 1]) w++;
+    return w;
+}
+
 // one row, several weights of whole 8-row tiles (N % 8 == 0) reading the same x, as for the quantized GEMVs
 void grace_gemv_bf16_many(const uint16_t *x, const uint16_t *const *ws, void *const *ys, const int64_t *Ns, int count,
                           int64_t K, int nt, int yb) {
-    int64_t first[MANY_MAX + 1] = {0};
-    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
+    int64_t first[MANY_MAX + 1], tiles = tile_table(Ns, count, first);
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < first[count]; t++) {
-        int w = 0;
-        while (t >= first[w + 1]) w++;
+    for (int64_t t = 0; t < tiles; t++) {
+        int w = weight_of(first, t);
         int64_t n0 = (t - first[w]) * 8;
         bf16_tile(x, ws[w] + n0 * K, ys[w], yb, Ns[w], K, n0, 0, 1, 8);
     }
@@ -244,12 +254,10 @@ ALWAYS void int8_tile(const uint16_t *x, const int8_t *q, const uint16_t *s, voi
 
 void grace_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, const uint16_t *const *ss, void *const *ys,
                           const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
-    int64_t first[MANY_MAX + 1] = {0};
-    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
+    int64_t first[MANY_MAX + 1], tiles = tile_table(Ns, count, first);
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < first[count]; t++) {
-        int w = 0;
-        while (t >= first[w + 1]) w++;
+    for (int64_t t = 0; t < tiles; t++) {
+        int w = weight_of(first, t);
         const int8_t *q = qs[w];
         const uint16_t *s = ss[w];
         void *y = ys[w];
@@ -318,8 +326,7 @@ ALWAYS void int4_tile(const uint16_t *xp, const float *sx, const uint8_t *p, con
 // one parallel region over all their tiles (weight w's tiles follow weight w-1's), one output each.
 void grace_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uint16_t *const *szs, void *const *ys,
                           const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
-    int64_t G = K / gs, first[MANY_MAX + 1] = {0};
-    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
+    int64_t G = K / gs, first[MANY_MAX + 1], tiles = tile_table(Ns, count, first);
     uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * M * K);
     float *sx = (float *)malloc(sizeof(float) * M * G);
     // x in the nibble order (each 128-chunk de-interleaved by 4) and its group sums, vectorized: done by one
@@ -348,9 +355,8 @@ void grace_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uin
         }
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < first[count]; t++) {
-        int w = 0;
-        while (t >= first[w + 1]) w++;
+    for (int64_t t = 0; t < tiles; t++) {
+        int w = weight_of(first, t);
         const uint8_t *p = ps[w];
         const uint16_t *sz = szs[w];
         void *y = ys[w];
@@ -369,7 +375,7 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
                      int64_t gs, int nt, int yb) {
     grace_gemv_int4_many(x, &p, &sz, &y, &N, 1, M, K, gs, nt, yb);
 }
-// ---- more activation rows (M > TILE_GEMM_MIN_ROWS in kernels.py): each thread dequantizes one 8-row tile at a time
+// ---- more activation rows (M > INT4_GEMV_MAX_ROWS / INT8_GEMV_MAX_ROWS in kernels.py): each thread dequantizes one 8-row tile at a time
 // into a bf16 buffer of 8 x K (L1 / L2), bit-identical to the dequantizers, and meets it with every activation
 // row through the bf16 tile kernel, so the codes are unpacked once per call (the GEMVs unpack them again for
 // every two INT4 / four INT8 rows) and no dequantized copy goes through DRAM.
