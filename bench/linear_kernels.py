@@ -275,6 +275,9 @@ SHORT = {"bf16_onednn": "oneDNN", "bf16_no_onednn": "oneDNN off", "bf16_grace": 
          "torch_int4": "tinygemm", "ao_int8": "torchao", "ao_int4": "torchao", "quanto_qint8": "quanto", "quanto_qint4": "quanto"}
 
 
+SHAPE_ORDER = {f"{k}→{n}": i for i, (k, n) in enumerate(SHAPES + [HEAD])}
+
+
 def summary(results: list[dict], ms: list[int] | None = None) -> str:
     """One line per (shape, M): the fastest bf16 path, our INT8 / INT4 default path (% of its run's bandwidth,
     speedup against that bf16) and the fastest peer of each; rows from the first result that has that M (the
@@ -304,9 +307,6 @@ def summary(results: list[dict], ms: list[int] | None = None) -> str:
     return U.md_table(header, body)
 
 
-SHAPE_ORDER = {f"{k}→{n}": i for i, (k, n) in enumerate(SHAPES + [HEAD])}
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     U.add_common_args(parser)
@@ -317,9 +317,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--summary", type=Path, nargs="+", default=None,
                         help="only print the README's summary table from results JSONs (the first with an M wins)")
     args = parser.parse_args(argv)
+    asked_ms = [int(v) for v in args.ms.split(",")] if args.ms else None
     if args.summary:
-        ms = [int(v) for v in args.ms.split(",")] if args.ms else None
-        print(summary([json.loads(p.read_text(encoding="utf-8")) for p in args.summary], ms))
+        print(summary([json.loads(p.read_text(encoding="utf-8")) for p in args.summary], asked_ms))
         return {}
     if args.render:
         res = json.loads(args.render.read_text(encoding="utf-8"))
@@ -327,7 +327,7 @@ def main(argv=None) -> dict:
         return res
     U.apply_args(args)
     info = U.machine_info()
-    ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 96, 256])
+    ms = asked_ms or ([1, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 96, 256])
     shapes = SHAPES[2:3] if args.quick else SHAPES + ([] if args.no_head else [HEAD])
     rounds = args.rounds or (3 if args.quick else 7)
     print(f"machine: {U.machine_line(info)}; kernels available: {kernels.available()}", file=sys.stderr)
