@@ -402,7 +402,7 @@ def _projections(kind, shapes, seed=0):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind,rows", [("int4", 1), ("int4", 3), ("int4", 6), ("int8", 1), ("int8", 5), ("int8", 7),
+@pytest.mark.parametrize("kind,rows", [("int4", 1), ("int4", 5), ("int4", 16), ("int8", 1), ("int8", 5), ("int8", 7),
                                        ("bf16", 1)])
 def test_project_many_is_each_projection_bit_for_bit(monkeypatch, kind, rows):
     mods = _projections(kind, [(1024, 1024), (1024, 1024 + 256), (1024, 2048)])
@@ -457,9 +457,10 @@ def test_use_cpu_decode_swaps_the_text_mlps():
 
 @needs_kernels
 @pytest.mark.parametrize("kind", ["bf16", "int4"])
-@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("rows", [1, 9, 17])
 def test_fused_mlp_is_transformers_mlp_bit_for_bit(monkeypatch, kind, rows):
-    """Large enough for grace's kernels: gate and up in one call for a decode row, the modules' own path for 9."""
+    """Large enough for grace's kernels: gate and up in one call for a decode row (INT4: up to 16 rows, the
+    GEMV's limit), the modules' own path for more."""
     import grace
     from transformers import Qwen3VLTextConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextMLP
@@ -478,7 +479,8 @@ def test_fused_mlp_is_transformers_mlp_bit_for_bit(monkeypatch, kind, rows):
         mlp.__class__ = cpu_decode.FastQwen3VLTextMLP
         calls = _count_calls(monkeypatch, "gemv_many")
         got = mlp(x)
-    assert calls == ([1] if rows == 1 else []) and torch.equal(got, want)
+    fused = rows == 1 or (kind == "int4" and rows <= kernels.INT4_GEMV_MAX_ROWS)
+    assert calls == ([1] if fused else []) and torch.equal(got, want)
 
 
 def test_gemv_many_refuses_what_the_kernels_cannot_take():

@@ -120,7 +120,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 15:
+    if lib.grace_kernels_version() != 16:
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
@@ -178,14 +178,14 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torc
 
 
 # Above these many rows the quantized kernels dequantize each 8-row tile once into L1 / L2 and run the bf16 tile
-# kernel on it for every row (grace_tile_gemm_*), where the GEMVs unpack the codes again for every 2 (INT4) or
-# 4 (INT8) rows. Crossovers measured on the 2B shapes with cold weights (2 threads): for INT4 the GEMV (pairs
-# of rows over the whole tile) wins at 5 and 6 rows on 2048->2048 / 2048->6144 / 6144->2048 (by 16-30 %; on
-# 2048->1024 the two are within 5 %, either way between runs) and the tile GEMM from 7 or 8; for INT8 the tile
-# GEMM wins on 3 of 4 shapes at 8 rows (at 16 rows: 1.4-1.6x the GEMVs, 1.1-1.35x the fastest bf16 path).
+# kernel on it for every row (grace_tile_gemm_*), where the GEMVs unpack the codes again for every 4 rows.
+# Crossovers measured on the 2B shapes with cold weights (2 threads): the INT4 GEMV (four rows per pass since
+# kernel version 16) is 7-19 % faster than the tile GEMM at 16 rows on all four shapes, within 4 % either way at
+# 20-24, and behind from 32 on 6144->2048; for INT8 the tile GEMM wins on 3 of 4 shapes at 8 rows (at 16 rows:
+# 1.4-1.6x the GEMVs, 1.1-1.35x the fastest bf16 path).
 # Numerics: the GEMVs compute the exact group-wise product in fp32; the tile GEMMs, like
 # the dequantize + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation).
-INT4_GEMV_MAX_ROWS = 6
+INT4_GEMV_MAX_ROWS = 16
 INT8_GEMV_MAX_ROWS = 7
 
 

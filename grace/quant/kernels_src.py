@@ -25,7 +25,7 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 15; }
+int grace_kernels_version(void) { return 16; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define MANY_MAX 8           // weights per *_many call (kernels.MANY_MAX)
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
@@ -276,60 +276,59 @@ void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void
 
 // ---- int4 tiles: a nibble or'ed into 0x4300 is the bf16 number 128 + c, so each nibble vector is a bf16
 // vector without conversion: sum_k W x = s * sum (128 + c) x - (136 s - z) * sum x   (x pre-permuted to the
-// nibble order). R rows of the tile (from r0) x MM activation rows per pass keep the sums in registers.
+// nibble order; sx holds the sums of x over each 128-column chunk). MM activation rows (1-4) per pass over a
+// tile: each 64-byte row chunk is unpacked once for all of them. Per chunk and row, the MM chunk sums start
+// from zero and are scaled into running sums kept in an L1 array (32 of them at MM = 4: registers hold the
+// 16 x vectors and the codes; passes of two rows that kept the sums in registers unpacked every byte twice
+// at four rows and were 10-25 % slower at three and four rows, and no faster at one or two).
 #define NIB(v, sh) ((__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, sh), low, magic, 0xEA))  // (v>>sh & 15) | magic
 ALWAYS void int4_tile(const uint16_t *xp, const float *sx, const uint8_t *p, const uint16_t *sz, void *y, int yb, int64_t N,
-                      int64_t K, int64_t gs, int64_t b, int64_t m0, const int MM, const int R, const int r0) {
+                      int64_t K, int64_t gs, int64_t b, int64_t m0, const int MM) {
     const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
-    __m512 tot[2][8];
-    float off[2][8];
-    for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) { tot[i][r] = _mm512_setzero_ps(); off[i][r] = 0.f; }
-    int64_t G = K / gs, C = K / 128;
+    __attribute__((aligned(64))) float tot[4][8][16];
+    float off[4][8];
+    for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) { _mm512_store_ps(tot[i][r], _mm512_setzero_ps()); off[i][r] = 0.f; }
+    int64_t C = K / 128, G = K / gs;
     const uint8_t *tile = p + b * C * 512;
-    for (int64_t g = 0; g < G; g++) {
-        __m512 a[2][8];
-        for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) a[i][r] = _mm512_setzero_ps();
-        for (int64_t c = g * gs; c < (g + 1) * gs; c += 128) {
-            const uint8_t *blk = tile + (c / 128) * 512;
-            if (r0 == 0)
-                for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 2 * 512 + o), _MM_HINT_T0);
-            __m512bh xv[2][4];
-            for (int i = 0; i < MM; i++)
-                for (int t = 0; t < 4; t++) xv[i][t] = (__m512bh)_mm512_loadu_si512(xp + (m0 + i) * K + c + 32 * t);
-            for (int r = 0; r < R; r++) {
-                __m512i v = _mm512_loadu_si512(blk + 64 * (r0 + r));
-                __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(v, low, magic, 0xEA), w1 = NIB(v, 4), w2 = NIB(v, 8);
-                __m512bh w3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
-                for (int i = 0; i < MM; i++) {
-                    a[i][r] = _mm512_dpbf16_ps(a[i][r], xv[i][0], w0);
-                    a[i][r] = _mm512_dpbf16_ps(a[i][r], xv[i][1], w1);
-                    a[i][r] = _mm512_dpbf16_ps(a[i][r], xv[i][2], w2);
-                    a[i][r] = _mm512_dpbf16_ps(a[i][r], xv[i][3], w3);
-                }
-            }
+    for (int64_t c = 0; c < C; c++) {
+        const uint8_t *blk = tile + c * 512;                                  // 8 rows x 128 columns
+        for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_TILES * 2 * 512 + o), _MM_HINT_T0);
+        __m512bh xv[4][4];
+        float sxc[4];
+        for (int i = 0; i < MM; i++) {
+            for (int t = 0; t < 4; t++) xv[i][t] = (__m512bh)_mm512_loadu_si512(xp + (m0 + i) * K + c * 128 + 32 * t);
+            sxc[i] = sx[(m0 + i) * C + c];
         }
-        const uint16_t *sg = sz + (b * G + g) * 16;
-        for (int r = 0; r < R; r++) {
-            float sc = bf16_to_f(sg[2 * (r0 + r)]), zo = bf16_to_f(sg[2 * (r0 + r) + 1]);
+        const uint16_t *sg = sz + (b * G + c * 128 / gs) * 16;
+        for (int r = 0; r < 8; r++) {
+            __m512i v = _mm512_loadu_si512(blk + 64 * r);
+            __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(v, low, magic, 0xEA), w1 = NIB(v, 4), w2 = NIB(v, 8);
+            __m512bh w3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
+            float sc = bf16_to_f(sg[2 * r]), zo = bf16_to_f(sg[2 * r + 1]);
             __m512 sv = _mm512_set1_ps(sc);
             for (int i = 0; i < MM; i++) {
-                tot[i][r] = _mm512_fmadd_ps(a[i][r], sv, tot[i][r]);
-                off[i][r] += (zo - 136.f * sc) * sx[(m0 + i) * G + g];
+                __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), xv[i][0], w0);
+                a = _mm512_dpbf16_ps(a, xv[i][1], w1);
+                a = _mm512_dpbf16_ps(a, xv[i][2], w2);
+                a = _mm512_dpbf16_ps(a, xv[i][3], w3);
+                _mm512_store_ps(tot[i][r], _mm512_fmadd_ps(a, sv, _mm512_load_ps(tot[i][r])));
+                off[i][r] += (zo - 136.f * sc) * sxc[i];
             }
         }
     }
     for (int i = 0; i < MM; i++)
-        for (int r = 0; r < R; r++) put(y, yb, (m0 + i) * N + b * 8 + r0 + r, _mm512_reduce_add_ps(tot[i][r]) + off[i][r]);
+        for (int r = 0; r < 8; r++)
+            put(y, yb, (m0 + i) * N + b * 8 + r, _mm512_reduce_add_ps(_mm512_load_ps(tot[i][r])) + off[i][r]);
 }
 
 // Several weights that read the same x (a layer's q / k / v or gate / up projections) in one call: one prologue,
 // one parallel region over all their tiles (weight w's tiles follow weight w-1's), one output each.
 void grace_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uint16_t *const *szs, void *const *ys,
                           const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
-    int64_t G = K / gs, first[MANY_MAX + 1], tiles = tile_table(Ns, count, first);
+    int64_t C = K / 128, first[MANY_MAX + 1], tiles = tile_table(Ns, count, first);
     uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * M * K);
-    float *sx = (float *)malloc(sizeof(float) * M * G);
-    // x in the nibble order (each 128-chunk de-interleaved by 4) and its group sums, vectorized: done by one
+    float *sx = (float *)malloc(sizeof(float) * M * C);
+    // x in the nibble order (each 128-chunk de-interleaved by 4) and its chunk sums, vectorized: done by one
     // thread before the parallel part, as scalar loops they cost 6-16 % of a small GEMV
     __m512i idx[4];
     for (int t = 0; t < 4; t++) {
@@ -348,10 +347,10 @@ void grace_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uin
                 _mm512_storeu_si512(xpm + c + 32 * t, _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
             }
         }
-        for (int64_t g = 0; g < G; g++) {
+        for (int64_t c = 0; c < C; c++) {
             __m512 acc = _mm512_setzero_ps();
-            for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) acc = _mm512_add_ps(acc, bf16x16_to_ps(xm + k));
-            sx[m * G + g] = _mm512_reduce_add_ps(acc);
+            for (int64_t k = c * 128; k < (c + 1) * 128; k += 16) acc = _mm512_add_ps(acc, bf16x16_to_ps(xm + k));
+            sx[m * C + c] = _mm512_reduce_add_ps(acc);
         }
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -361,11 +360,10 @@ void grace_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uin
         const uint16_t *sz = szs[w];
         void *y = ys[w];
         int64_t N = Ns[w], b = t - first[w];
-        // pairs of activation rows x the whole tile per pass: each byte is unpacked once per pair (half-tile
-        // passes unpacked it twice and were 25-30 % slower at two rows, though 32 sums in flight spill a little)
-        for (int64_t m0 = 0; m0 < M; m0 += 2) {
-            if (M - m0 >= 2) int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, 2, 8, 0);
-            else int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, 1, 8, 0);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            int64_t mm = M - m0 < 4 ? M - m0 : 4;
+#define I4_CALL(T) int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, T)
+            FOR_M(mm, I4_CALL);
         }
     }
     free(xp);
@@ -378,7 +376,7 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
 // ---- more activation rows (M > INT4_GEMV_MAX_ROWS / INT8_GEMV_MAX_ROWS in kernels.py): each thread dequantizes one 8-row tile at a time
 // into a bf16 buffer of 8 x K (L1 / L2), bit-identical to the dequantizers, and meets it with every activation
 // row through the bf16 tile kernel, so the codes are unpacked once per call (the GEMVs unpack them again for
-// every two INT4 / four INT8 rows) and no dequantized copy goes through DRAM.
+// every four rows) and no dequantized copy goes through DRAM.
 #define TILE_ROWS_CALL(T) bf16_tile(x, w4, y, yb, N, K, n0, m0, T, 4)
 #define TILE_GEMM(TILE_FN, W, S)                                                                             \
     _Pragma("omp parallel num_threads(nt)")                                                                 \

@@ -214,3 +214,19 @@ def test_bf16_gemv_rows_do_not_depend_on_the_row_count():
     one_by_one = torch.cat([kernels.linear_bf16(x[i:i + 1], w) for i in range(16)])
     for m in (2, 4, 5, 8, 16):
         assert torch.equal(kernels.linear_bf16(x[:m], w), one_by_one[:m])
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [128, 256])
+def test_quantized_gemv_rows_do_not_depend_on_the_row_count(group):
+    """Every activation row of a GEMV pass (up to 4 rows) does the same fp32 operations in the
+    same order: a row's output is the same bits alone or beside others, at every row count the GEMVs take."""
+    torch.manual_seed(1)
+    m8, m4 = int8_module(512, 64, group), int4_module(512, 64, group)
+    runs = {"int4": lambda v: kernels.linear_int4(v, m4.weight_packed, m4.scales_and_zeros, group, 64),
+            "int8": lambda v: kernels.linear_int8(v, m8.qweight, m8.scales, group, 64)}
+    for kind, run in runs.items():
+        x = torch.randn(kernels.gemv_max_rows(kind), 512).to(torch.bfloat16)
+        one_by_one = torch.cat([run(x[i:i + 1]) for i in range(x.shape[0])])
+        for m in range(2, x.shape[0] + 1):
+            assert torch.equal(run(x[:m]), one_by_one[:m]), (kind, m)
