@@ -7,8 +7,8 @@ lm_head 2048→151936) and each number of rows M, all variants are timed interle
 
   bf16      torch F.linear (oneDNN, the default) · F.linear with oneDNN switched off (a process-wide
             flag: fine in a benchmark, not in a server) · grace's bf16 GEMV (FastBF16Linear)
-  ours      Int8Linear / Int4Linear, each path forced: grace's kernel (the GEMV for a few rows, the tile GEMM
-            for more: kernels.INT8_GEMV_MAX_ROWS / INT4_GEMV_MAX_ROWS) and the dequantize + bf16 GEMM
+  ours      Int8Linear / Int4Linear, each path forced: grace's kernel (the GEMV for a few rows, then INT8's
+            tile GEMM and the pair GEMM: kernels.py's row limits) and the dequantize + bf16 GEMM
   peers     torch's per-row int8 `_weight_int8pack_mm` and int4 `_weight_int4pack_mm_for_cpu`,
             torchao (Int8WeightOnlyConfig, PrototypeInt4WeightOnlyConfig), optimum-quanto
             (qint8, qint4): each only if installed (optional bench dependencies)
@@ -50,12 +50,12 @@ SHAPES = [(2048, 2048), (2048, 1024), (2048, 6144), (6144, 2048)]
 HEAD = (2048, 151_936)
 COLD_BYTES = 256 << 20
 BIG = 1 << 30
-GEMV_MAX_M = 96          # grace's kernel variants are not timed above this (its largest default: KERNEL_MAX_ROWS)
+GEMV_MAX_M = 256         # grace's kernel variants are not timed above this (its largest default: KERNEL_MAX_ROWS)
 NO_ONEDNN_MAX_M = 8      # nor F.linear with oneDNN off (2-4x behind oneDNN from M = 4 on; minutes at M = 256)
 BF16 = ("bf16_onednn", "bf16_no_onednn", "bf16_grace")
 LABEL = {"bf16_onednn": "bf16 F.linear (oneDNN)", "bf16_no_onednn": "bf16 F.linear, oneDNN off",
-         "bf16_grace": "bf16 grace GEMV", "int8_gemv": "grace INT8 kernel (GEMV / tile GEMM)", "int8_dequant": "grace INT8 dequant+GEMM",
-         "int4_gemv": "grace INT4 kernel (GEMV / tile GEMM)", "int4_dequant": "grace INT4 dequant+GEMM",
+         "bf16_grace": "bf16 grace GEMV", "int8_gemv": "grace INT8 kernel (GEMV / tile / pair GEMM)", "int8_dequant": "grace INT8 dequant+GEMM",
+         "int4_gemv": "grace INT4 kernel (GEMV / pair GEMM)", "int4_dequant": "grace INT4 dequant+GEMM",
          "torch_int8_row": "torch per-row int8", "torch_int4": "torch int4 (tinygemm CPU)",
          "ao_int8": "torchao int8", "ao_int4": "torchao int4", "quanto_qint8": "quanto qint8", "quanto_qint4": "quanto qint4"}
 
@@ -183,9 +183,10 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
             errors[name] = ((fn().double() - reference).norm() / reference.norm()).item()
         row = {"in": k, "out": n, "m": m, "load": load, "time": {key: U.summary(v) for key, v in samples.items()},
                "bytes": {name: bytes_of[_bytes_key(name)] for name in fns}, "rel_error_vs_bf16_layer": errors,
-               "default_path": {"int8": ("gemv" if m <= kernels.INT8_GEMV_MAX_ROWS else "tile gemm")
+               "default_path": {"int8": ("gemv" if m <= kernels.INT8_GEMV_MAX_ROWS else "tile gemm"
+                                         if m <= kernels.INT8_TILE_MAX_ROWS else "pair gemm")
                                 if m <= q8.KERNEL_MAX_ROWS else "dequant",
-                                "int4": ("gemv" if m <= kernels.INT4_GEMV_MAX_ROWS else "tile gemm")
+                                "int4": ("gemv" if m <= kernels.INT4_GEMV_MAX_ROWS else "pair gemm")
                                 if m <= q4.KERNEL_MAX_ROWS else "dequant",
                                 "bf16_grace": "gemv" if m <= qb.KERNEL_MAX_ROWS else "F.linear (oneDNN)"}}
         best_bf16 = min((name for name in BF16 if name in samples), key=lambda name: row["time"][name]["median_s"])

@@ -11,7 +11,7 @@ Storage follows the device and dtype (`layout_for`): on CUDA the layout of `_con
 (run by `_weight_int4pack_mm`); on CPU, for bf16 modules where grace's own kernels run (quant/kernels.py),
 "tiled": codes [out/8, in/128, 8, 64 bytes] (two per byte, low nibble = even column) and scales/zeros
 [out/8, in/group, 8, 2], so the weights of 8 output rows are one contiguous stream (a GEMV for a few rows, a
-tile GEMM for more, dequantize + bf16 GEMM above `KERNEL_MAX_ROWS`: quant/kernels.py); otherwise on CPU the layout of
+pair GEMM for more, dequantize + bf16 GEMM above `KERNEL_MAX_ROWS`: quant/kernels.py); otherwise on CPU the layout of
 `_convert_weight_to_int4pack_for_cpu` (run by `_weight_int4pack_mm_for_cpu`); shapes no kernel takes keep
 the "plain" layout (codes [out, in/2], scales/zeros [in/group, out, 2]) and run through `dequantize()`,
 which is also the reference every kernel is tested against. All hold half a byte per weight.
@@ -34,10 +34,10 @@ TILE = 8
 # fp32 activations make the CPU int4 kernel slow for many rows (it is tuned for bf16);
 # above this many rows an fp32 forward dequantizes instead (see bench/linear_kernels.py).
 FP32_KERNEL_MAX_ROWS = 4
-# up to this many rows grace's kernels (GEMV, then the tile GEMM: kernels.py) beat dequantize + the bf16 GEMM
-# (2B shapes, cold weights: the tile GEMM wins at 96 rows on all three shapes measured, 128 is mixed, and at 256
-# the dequantize + oneDNN path is 5-10 % faster)
-KERNEL_MAX_ROWS = 96
+# up to this many rows grace's kernels (kernels.py: the GEMV, then the pair GEMM) beat dequantize + the bf16 GEMM
+# (2B shapes, cold weights: the pair GEMM is ahead on every shape at 256 rows for INT4 (2-13 %) and level or ahead
+# for INT8, level at 512 and 4-10 % behind at 1024, where oneDNN's blocking amortizes the dequantize better)
+KERNEL_MAX_ROWS = 256
 def _nibbles_to_codes(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [n, k/2] (low nibble = even column) -> uint8 [n, k]."""
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)

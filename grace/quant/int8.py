@@ -7,7 +7,8 @@ Two storage layouts, chosen for the device and dtype the tensors live on:
 - "tiled" (CPU, bf16, where grace's kernels run, quant/kernels.py): codes [out/8, in/group, 8, group] and
   scales [out/8, in/group, 8], so the weights of 8 output rows are one contiguous stream. For a few rows a
   GEMV reads each byte once and applies each group's scale in fp32; for more, up to `KERNEL_MAX_ROWS`, a
-  tile GEMM dequantizes each 8-row tile once into L1 and meets every row with it; above, a dequantize
+  tile GEMM (each 8-row tile dequantized once into L1) and then a pair GEMM (32 rows at a time dequantized
+  into the bf16 dot product's layout, at its peak) meet every row with them; above, a dequantize
   (bit-identical to `dequantize()`) into a reused bf16 buffer and the bf16 GEMM.
 - "groups" (anywhere else): codes [in/group, out, group], scales [in/group, out], so each group is a
   contiguous [out, group] matrix: torch's `_weight_int8pack_mm` (a per-row-scale int8 GEMV) runs once per
@@ -24,10 +25,10 @@ from .qlinear import QuantizedLinear
 
 from . import kernels
 
-# up to this many rows grace's kernels (GEMV, then the tile GEMM: kernels.py) beat dequantize + the bf16 GEMM
-# (2B shapes, cold weights: the tile GEMM wins at 96 rows on all three shapes measured, loses on two of three at
-# 128, and at 256 the dequantize + oneDNN path is 4-12 % faster)
-KERNEL_MAX_ROWS = 96
+# up to this many rows grace's kernels (kernels.py: the GEMV, then the pair GEMM) beat dequantize + the bf16 GEMM
+# (2B shapes, cold weights: the pair GEMM is ahead on every shape at 256 rows for INT4 (2-13 %) and level or ahead
+# for INT8, level at 512 and 4-10 % behind at 1024, where oneDNN's blocking amortizes the dequantize better)
+KERNEL_MAX_ROWS = 256
 # without grace's kernels: up to this many rows the per-group torch int8 loop beats dequantize + matmul
 # (bench/linear_kernels.py: with bf16 activations up to 16 rows on every 2B shape, with fp32 up to 2-8)
 TORCH_LOOP_MAX_ROWS = 16

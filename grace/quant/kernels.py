@@ -1,5 +1,6 @@
-"""CPU kernels for decode: GEMVs for bf16, group-wise int8 and group-wise int4 weights (a few activation
-rows), the attention of one query token and RMSNorm of a few rows (used by grace/cpu_decode.py).
+"""CPU kernels for decode and prefill: GEMVs for bf16, group-wise int8 and group-wise int4 weights (a few
+activation rows), GEMMs for the quantized weights (more rows), the attention of one query token and RMSNorm
+of a few rows (used by grace/cpu_decode.py).
 
 At M = 1 torch's bf16 `F.linear` goes through oneDNN, which moves weights at well under half the
 machine's read bandwidth, and torch has no group-wise int8 kernel at all. The kernels here
@@ -7,9 +8,10 @@ machine's read bandwidth, and torch has no group-wise int8 kernel at all. The ke
 byte once, accumulate in fp32 and apply the group scales exactly as the modules' `dequantize()`
 defines them. The quantized weights are held in tiles of 8 output rows that are one contiguous
 stream in memory (Int8Linear / Int4Linear layout "tiled"): read row by row, 8 rows were 8 streams
-and the GEMVs moved under half the read bandwidth; tiled, they move about twice as much. They also
-dequantize into a bf16 buffer, bit-identical to `dequantize()`, for the many-row case where the bf16
-GEMM is the fastest path. The GEMVs write fp32 or, for a module's bias-free decode step, bf16 directly
+and the GEMVs moved under half the read bandwidth; tiled, they move about twice as much. For more
+rows (a prompt's prefill) a GEMM dequantizes 32 output rows at a time, bit-identical to `dequantize()`,
+into the layout of the bf16 dot product and runs at its peak; for very many rows they dequantize
+into a bf16 buffer for torch's bf16 GEMM. The GEMVs write fp32 or, for a module's bias-free decode step, bf16 directly
 (the same rounding as `.to(torch.bfloat16)`, one op less per linear).
 
 The library is compiled at first use with the system C compiler (`cc -O3 -march=native -fopenmp`,
@@ -76,7 +78,7 @@ _DEQUANT = [_P, _P, _P, _I, _I, _I, _I, _I, _T, _T]     # codes, params, out, N,
 _SIGNATURES = {
     "grace_gemv_bf16": [_P, _P, _P, _I, _I, _I, _T, _T], "grace_gemv_bf16_many": [_P, _P, _P, _P, _T, _I, _T, _T],
     "grace_gemv_int8": _GEMV, "grace_gemv_int4": _GEMV, "grace_gemv_int8_many": _MANY, "grace_gemv_int4_many": _MANY,
-    "grace_tile_gemm_int8": _GEMV, "grace_tile_gemm_int4": _GEMV,
+    "grace_tile_gemm_int8": _GEMV, "grace_pair_gemm_int8": _GEMV, "grace_pair_gemm_int4": _GEMV,
     "grace_dequant_int8": _DEQUANT, "grace_dequant_int4": _DEQUANT,
     "grace_attention_decode": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _F, _T],
     "grace_rms_norm": [_P, _P, _P, _I, _I, _F],
@@ -120,7 +122,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 16:
+    if lib.grace_kernels_version() != 17:
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
@@ -177,16 +179,21 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torc
     return y
 
 
-# Above these many rows the quantized kernels dequantize each 8-row tile once into L1 / L2 and run the bf16 tile
-# kernel on it for every row (grace_tile_gemm_*), where the GEMVs unpack the codes again for every 4 rows.
-# Crossovers measured on the 2B shapes with cold weights (2 threads): the INT4 GEMV (four rows per pass since
-# kernel version 16) is 7-19 % faster than the tile GEMM at 16 rows on all four shapes, within 4 % either way at
-# 20-24, and behind from 32 on 6144->2048; for INT8 the tile GEMM wins on 3 of 4 shapes at 8 rows (at 16 rows:
-# 1.4-1.6x the GEMVs, 1.1-1.35x the fastest bf16 path).
-# Numerics: the GEMVs compute the exact group-wise product in fp32; the tile GEMMs, like
-# the dequantize + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation).
+# Which kernel takes how many rows (crossovers measured on the 2B shapes with cold weights, 2 threads):
+# - the GEMVs, up to INT4_GEMV_MAX_ROWS / INT8_GEMV_MAX_ROWS: they unpack the codes once per 4 rows and compute
+#   the exact group-wise product. At 16 rows the INT4 GEMV and the pair GEMM are within 2 % on all four shapes,
+#   from 20 the pair GEMM leads; for INT8 the tile GEMM leads from 8 rows.
+# - the tile GEMM (INT8 only, up to INT8_TILE_MAX_ROWS): each 8-row tile dequantized once into L1 / L2 and met
+#   by a 4 x 4 bf16 dot-product kernel; at 8-16 rows it is level with the pair GEMM or up to 25 % ahead (K = 6144).
+# - the pair GEMM above (grace_pair_gemm_*, up to the modules' KERNEL_MAX_ROWS): 32 output rows dequantized at a
+#   time into the dot product's pair layout and met by a 12 x 32 register-blocked kernel at the bf16 peak; from
+#   32 rows it leads the tile GEMM by 5-45 % and dequantize + oneDNN by 4-25 %.
+# Numerics: the GEMVs compute the exact group-wise product in fp32; the tile and pair GEMMs, like the dequantize
+# + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation). Every path gives a row the same
+# bits whatever other rows share the call.
 INT4_GEMV_MAX_ROWS = 16
 INT8_GEMV_MAX_ROWS = 7
+INT8_TILE_MAX_ROWS = 16
 
 
 def gemv_max_rows(kind: str) -> int:
@@ -194,34 +201,36 @@ def gemv_max_rows(kind: str) -> int:
     return INT4_GEMV_MAX_ROWS if kind == "int4" else INT8_GEMV_MAX_ROWS
 
 
-def _quantized_linear(gemv: str, tile_gemm: str, gemv_max_rows: int, x: torch.Tensor, codes: torch.Tensor,
-                      params: torch.Tensor, group_size: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """The GEMV (named `gemv` in the library) up to `gemv_max_rows` rows, the tile GEMM above."""
+def _quantized_linear(kind: str, x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, group_size: int, n: int,
+                      dtype: torch.dtype) -> torch.Tensor:
     x = x.contiguous()
     k = x.shape[-1]
     m = x.numel() // k
     y = _output(x, n, dtype)
-    kernel = getattr(library(), gemv if m <= gemv_max_rows else tile_gemm)
-    kernel(x.data_ptr(), codes.data_ptr(), params.data_ptr(), y.data_ptr(), m, n, k, group_size, _threads(),
-           dtype is torch.bfloat16)
+    if m <= gemv_max_rows(kind):
+        path = "gemv"
+    elif kind == "int8" and m <= INT8_TILE_MAX_ROWS:
+        path = "tile_gemm"
+    else:
+        path = "pair_gemm"
+    getattr(library(), f"grace_{path}_{kind}")(x.data_ptr(), codes.data_ptr(), params.data_ptr(), y.data_ptr(), m, n,
+                                               k, group_size, _threads(), dtype is torch.bfloat16)
     return y
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, n: int,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x @ W.T for the tiled int8 layout (quant/int8.py): qweight int8 [N/8, G, 8, gs], scales bf16 [N/8, G, 8],
-    W[n, k] = q * s; gs a multiple of 64. The GEMV up to INT8_GEMV_MAX_ROWS rows, the tile GEMM above."""
-    return _quantized_linear("grace_gemv_int8", "grace_tile_gemm_int8", INT8_GEMV_MAX_ROWS, x, qweight, scales,
-                             group_size, n, dtype)
+    W[n, k] = q * s; gs a multiple of 64. The GEMV, tile GEMM or pair GEMM by the number of rows (above)."""
+    return _quantized_linear("int8", x, qweight, scales, group_size, n, dtype)
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                 n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x @ W.T for the tiled int4 layout (quant/int4.py): packed uint8 [N/8, K/128, 8, 64], scales_and_zeros
-    bf16 [N/8, G, 8, 2], W[n, k] = (c - 8) * s + z; group_size a multiple of 128. The GEMV up to
-    INT4_GEMV_MAX_ROWS rows, the tile GEMM above."""
-    return _quantized_linear("grace_gemv_int4", "grace_tile_gemm_int4", INT4_GEMV_MAX_ROWS, x, packed,
-                             scales_and_zeros, group_size, n, dtype)
+    bf16 [N/8, G, 8, 2], W[n, k] = (c - 8) * s + z; group_size a multiple of 128. The GEMV or the pair GEMM by
+    the number of rows (above)."""
+    return _quantized_linear("int4", x, packed, scales_and_zeros, group_size, n, dtype)
 
 
 MANY_MAX = 8          # weights per call (the C side's tile table)

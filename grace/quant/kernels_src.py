@@ -25,7 +25,7 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 16; }
+int grace_kernels_version(void) { return 17; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define MANY_MAX 8           // weights per *_many call (kernels.MANY_MAX)
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
@@ -67,6 +67,12 @@ static inline void put_bf16_x32(uint16_t *o, __m512 lo, __m512 hi, int stream) {
 //   int8: q [N/8][G][8][gs] int8, s [N/8][G][8] bf16          W[n, k] = q * s
 //   int4: p [N/8][K/128][8][64] bytes (nibble t of 16-bit lane j of a row's 64 bytes = column 4j + t of that
 //         128-column chunk), sz [N/8][G][8][2] bf16          W[n, k] = (c - 8) * s + z
+// 32 consecutive codes of one row times their scale, rounded to bf16 (32 weights in column order)
+static inline __m512i int8_x32(const int8_t *q, __m512 sv) {
+    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(w1, sv), _mm512_mul_ps(w0, sv));
+}
 // One tile b, rows n0 .. n0+rows-1 of the weight only, into out (row n at out + (n - n0) * ostride).
 ALWAYS void int8_tile_to_bf16(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t ostride, int64_t K,
                               int64_t gs, int64_t b, int64_t n0, int64_t rows, int stream) {
@@ -80,11 +86,7 @@ ALWAYS void int8_tile_to_bf16(const int8_t *q, const uint16_t *s, uint16_t *out,
             __m512 sv = _mm512_set1_ps(bf16_to_f(s[(b * G + g) * 8 + r]));
             const int8_t *qg = blk + r * gs;
             uint16_t *o = out + (n - n0) * ostride + g * gs;
-            for (int64_t j = 0; j < gs; j += 32) {
-                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j))));
-                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + j + 16))));
-                put_bf16_x32(o + j, _mm512_mul_ps(w0, sv), _mm512_mul_ps(w1, sv), stream);
-            }
+            for (int64_t j = 0; j < gs; j += 32) put_x32(o + j, int8_x32(qg + j, sv), stream);
         }
     }
 }
@@ -95,6 +97,14 @@ ALWAYS void int8_tile_to_bf16(const int8_t *q, const uint16_t *s, uint16_t *out,
 // are rounded to bf16 together and interleaved back into column order.
 static const int16_t INTERLEAVE_32[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// columns 32h .. 32h+31 of a row's 128-column chunk, from its 16 bytes at q = row + 16h
+static inline __m512i int4_x32(const uint8_t *q, __m512 sv, __m512 zv, __m512 table, __m512i inter) {
+    __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(d, table), sv, zv);
+    __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), sv, zv);
+    return _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
 
 ALWAYS void int4_tile_to_bf16(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t ostride, int64_t K,
                               int64_t gs, int64_t b, int64_t n0, int64_t rows, int stream) {
@@ -110,13 +120,7 @@ ALWAYS void int4_tile_to_bf16(const uint8_t *p, const uint16_t *sz, uint16_t *ou
             if (n < n0 || n >= n0 + rows) continue;
             __m512 sv = _mm512_set1_ps(bf16_to_f(sg[2 * r])), zv = _mm512_set1_ps(bf16_to_f(sg[2 * r + 1]));
             uint16_t *o = out + (n - n0) * ostride + c * 128;
-            for (int h = 0; h < 4; h++) {
-                __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 * r + 16 * h)));
-                __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(d, table), sv, zv);
-                __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), sv, zv);
-                __m512i v = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-                put_x32(o + 32 * h, v, stream);
-            }
+            for (int h = 0; h < 4; h++) put_x32(o + 32 * h, int4_x32(blk + 64 * r + 16 * h, sv, zv, table, inter), stream);
         }
     }
 }
@@ -373,10 +377,10 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
                      int64_t gs, int nt, int yb) {
     grace_gemv_int4_many(x, &p, &sz, &y, &N, 1, M, K, gs, nt, yb);
 }
-// ---- more activation rows (M > INT4_GEMV_MAX_ROWS / INT8_GEMV_MAX_ROWS in kernels.py): each thread dequantizes one 8-row tile at a time
-// into a bf16 buffer of 8 x K (L1 / L2), bit-identical to the dequantizers, and meets it with every activation
-// row through the bf16 tile kernel, so the codes are unpacked once per call (the GEMVs unpack them again for
-// every four rows) and no dequantized copy goes through DRAM.
+// ---- INT8, a few more activation rows (INT8_GEMV_MAX_ROWS < M <= INT8_TILE_MAX_ROWS in kernels.py): each thread
+// dequantizes one 8-row tile at a time into a bf16 buffer of 8 x K (L1 / L2), bit-identical to the dequantizers,
+// and meets it with every activation row through the bf16 tile kernel, so the codes are unpacked once per call
+// (the GEMVs unpack them again for every four rows) and no dequantized copy goes through DRAM.
 #define TILE_ROWS_CALL(T) bf16_tile(x, w4, y, yb, N, K, n0, m0, T, 4)
 #define TILE_GEMM(TILE_FN, W, S)                                                                             \
     _Pragma("omp parallel num_threads(nt)")                                                                 \
@@ -401,9 +405,158 @@ void grace_tile_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *s,
     TILE_GEMM(int8_tile_to_bf16, q, s)
 }
 
-void grace_tile_gemm_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N,
+
+// ---- many rows, at the bf16 dot product's peak: x is packed once per call into blocks of GEMM_MR rows,
+// [K/2][rows] bf16 pairs (one 32-bit broadcast per row and k-pair; unpacked, the rows 4 KB apart thrashed L1).
+// Each thread dequantizes 32 output rows at a time, each weight as the dequantizers round it, into the dot
+// product's pair layout wv [K/2][32] (k-pair, row; in L2), and meets every block of x with it: per k-pair two
+// weight vectors, one broadcast per row and 2 x GEMM_MR dot products into sums held in registers, so no
+// horizontal sums and 24 products per 14 loads (the 4 x 4 tile kernel above: 16 per 8, and its 8 row streams
+// missed L1). Every output is one fp32 sum over the k-pairs in order, the same at any M.
+#define GEMM_MR 12
+#define FOR_MR(MR, CALL) do { switch (MR) { case 12: CALL(12); break; case 11: CALL(11); break; case 10: CALL(10); break; \
+    case 9: CALL(9); break; case 8: CALL(8); break; case 7: CALL(7); break; case 6: CALL(6); break; case 5: CALL(5); break;    \
+    case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); } } while (0)
+
+// r[j] (16 32-bit elements each) := column j of the 16 x 16 matrix whose rows were r[0..15]
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16], v[16];
+    for (int j = 0; j < 16; j += 2) { t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]); t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]); }
+    for (int j = 0; j < 16; j += 4) {
+        v[j] = _mm512_unpacklo_epi64(t[j], t[j + 2]); v[j + 1] = _mm512_unpackhi_epi64(t[j], t[j + 2]);
+        v[j + 2] = _mm512_unpacklo_epi64(t[j + 1], t[j + 3]); v[j + 3] = _mm512_unpackhi_epi64(t[j + 1], t[j + 3]);
+    }
+    // v[4a + c], 128-bit lane l: rows 4a .. 4a+3 of column 4l + c; a 4 x 4 transpose of lanes for each c
+    for (int c = 0; c < 4; c++) {
+        __m512i x0 = _mm512_shuffle_i32x4(v[c], v[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(v[c], v[4 + c], 0xEE);
+        __m512i x2 = _mm512_shuffle_i32x4(v[8 + c], v[12 + c], 0x44), x3 = _mm512_shuffle_i32x4(v[8 + c], v[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_i32x4(x0, x2, 0x88); r[4 + c] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(x1, x3, 0x88); r[12 + c] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+    }
+}
+
+// rows n0 .. n0+31 (zero from N on) of an int4 / int8 tiled weight into wv [K/2][32] pairs
+// a row's 16 possible weights in one group, bf16 (as int4_x32 rounds them), twice: vpermw reads 5 index bits
+static inline __m512i int4_lut(__m512 sv, __m512 zv, __m512 table) {
+    __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(table, sv, zv));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+}
+// the 32 weights of 16 bytes as 16 column pairs (low nibble first), through the row's table
+static inline __m512i int4_pairs_lut(const uint8_t *q, __m512i lut) {
+    __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    return _mm512_permutexvar_epi16(_mm512_or_si512(d, _mm512_slli_epi32(d, 12)), lut);
+}
+ALWAYS void int4_block_to_pairs(const uint8_t *p, const uint16_t *sz, uint32_t *wv, int64_t N, int64_t K, int64_t gs, int64_t n0) {
+    int64_t G = K / gs, C = K / 128;
+    const __m512 table = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+    for (int64_t c = 0; c < C; c++)
+        for (int half = 0; half < 2; half++) {
+            __m512i lut[16];
+            const uint8_t *rows[16];
+            for (int j = 0; j < 16; j++) {
+                int64_t n = n0 + 16 * half + j, b = n / 8;
+                rows[j] = NULL;
+                if (n >= N) continue;
+                const uint16_t *sg = sz + (b * G + c * 128 / gs) * 16 + 2 * (n % 8);
+                lut[j] = int4_lut(_mm512_set1_ps(bf16_to_f(sg[0])), _mm512_set1_ps(bf16_to_f(sg[1])), table);
+                rows[j] = p + (b * C + c) * 512 + 64 * (n % 8);
+            }
+            for (int h = 0; h < 4; h++) {
+                __m512i r[16];
+                for (int j = 0; j < 16; j++)
+                    r[j] = rows[j] ? int4_pairs_lut(rows[j] + 16 * h, lut[j]) : _mm512_setzero_si512();
+                transpose16(r);
+                uint32_t *o = wv + (c * 64 + 16 * h) * 32 + 16 * half;
+                for (int q = 0; q < 16; q++) _mm512_store_si512(o + q * 32, r[q]);
+            }
+        }
+}
+ALWAYS void int8_block_to_pairs(const int8_t *q, const uint16_t *s, uint32_t *wv, int64_t N, int64_t K, int64_t gs, int64_t n0) {
+    int64_t G = K / gs;
+    for (int64_t g = 0; g < G; g++)
+        for (int half = 0; half < 2; half++) {
+            __m512 sv[16];
+            const int8_t *rows[16];
+            for (int j = 0; j < 16; j++) {
+                int64_t n = n0 + 16 * half + j, b = n / 8;
+                rows[j] = NULL;
+                if (n >= N) continue;
+                sv[j] = _mm512_set1_ps(bf16_to_f(s[(b * G + g) * 8 + n % 8]));
+                rows[j] = q + ((b * G + g) * 8 + n % 8) * gs;
+            }
+            for (int64_t j0 = 0; j0 < gs; j0 += 32) {
+                __m512i r[16];
+                for (int j = 0; j < 16; j++) r[j] = rows[j] ? int8_x32(rows[j] + j0, sv[j]) : _mm512_setzero_si512();
+                transpose16(r);
+                uint32_t *o = wv + ((g * gs + j0) / 2) * 32 + 16 * half;
+                for (int j = 0; j < 16; j++) _mm512_store_si512(o + j * 32, r[j]);
+            }
+        }
+}
+
+// y[m0 .. m0+MR-1, n0 .. n0+31] (columns from N on dropped) from x's packed block xb [K/2][MR] and wv
+// pf: the next block's codes (pf_lines cache lines), prefetched into L2 while this block computes, so that its
+// dequantizing does not wait on DRAM
+ALWAYS void gemm_micro(const uint32_t *xb, const uint32_t *wv, int64_t K, void *y, int yb, int64_t N, int64_t m0,
+                       int64_t n0, const char *pf, int64_t pf_lines, const int MR) {
+    __m512 acc[GEMM_MR][2];
+    for (int i = 0; i < MR; i++) { acc[i][0] = _mm512_setzero_ps(); acc[i][1] = _mm512_setzero_ps(); }
+    for (int64_t k = 0; k < K / 2; k++) {
+        __m512bh w0 = (__m512bh)_mm512_load_si512(wv + k * 32), w1 = (__m512bh)_mm512_load_si512(wv + k * 32 + 16);
+        _mm_prefetch((const char *)(wv + k * 32 + 512), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wv + k * 32 + 528), _MM_HINT_T0);
+        if (k < pf_lines) _mm_prefetch(pf + 64 * k, _MM_HINT_T1);
+        for (int i = 0; i < MR; i++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xb[k * MR + i]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
+        }
+    }
+    int64_t cols = N - n0 < 32 ? N - n0 : 32;
+    for (int i = 0; i < MR; i++) {
+        float out[32];
+        _mm512_storeu_ps(out, acc[i][0]);
+        _mm512_storeu_ps(out + 16, acc[i][1]);
+        for (int64_t j = 0; j < cols; j++) put(y, yb, (m0 + i) * N + n0 + j, out[j]);
+    }
+}
+
+#define GEMM_CALL(T) gemm_micro(xb + m0 * P, wv, K, y, yb, N, m0, nb * 32, pf, m0 == 0 ? pf_lines : 0, T)
+#define PAIR_GEMM(BLOCK_FN, W, S, BITS)                                                                           \
+    int64_t P = K / 2;                                                                                      \
+    uint32_t *xb = (uint32_t *)aligned_alloc(64, (size_t)((M * P * 4 + 63) / 64 * 64));                     \
+    _Pragma("omp parallel num_threads(nt)")                                                                 \
+    {                                                                                                       \
+        _Pragma("omp for schedule(static)")                                                                 \
+        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {                                                        \
+            int64_t mr = M - m0 < GEMM_MR ? M - m0 : GEMM_MR;                                               \
+            const uint32_t *xr = (const uint32_t *)(x + m0 * K);                                            \
+            uint32_t *o = xb + m0 * P;                                                                      \
+            for (int64_t k = 0; k < P; k++) for (int64_t i = 0; i < mr; i++) o[k * mr + i] = xr[i * P + k]; \
+        }                                                                                                   \
+        uint32_t *wv = (uint32_t *)aligned_alloc(64, (size_t)(P * 32 * 4));                                 \
+        _Pragma("omp for schedule(static)")                                                                 \
+        for (int64_t nb = 0; nb < (N + 31) / 32; nb++) {                                                    \
+            BLOCK_FN(W, S, wv, N, K, gs, nb * 32);                                                          \
+            int64_t rest = N - (nb + 1) * 32, rows = rest < 0 ? 0 : rest < 32 ? rest : 32;                    \
+            const char *pf = (const char *)(W) + (nb + 1) * 32 * K * BITS / 8;                               \
+            int64_t pf_lines = rows * K * BITS / 8 / 64;                                                    \
+            for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {                                                   \
+                int64_t mr = M - m0 < GEMM_MR ? M - m0 : GEMM_MR;                                           \
+                FOR_MR(mr, GEMM_CALL);                                                                      \
+            }                                                                                               \
+        }                                                                                                   \
+        free(wv);                                                                                           \
+    }                                                                                                       \
+    free(xb);
+
+void grace_pair_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N,
                           int64_t K, int64_t gs, int nt, int yb) {
-    TILE_GEMM(int4_tile_to_bf16, p, sz)
+    PAIR_GEMM(int8_block_to_pairs, q, s, 8)
+}
+void grace_pair_gemm_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N,
+                          int64_t K, int64_t gs, int nt, int yb) {
+    PAIR_GEMM(int4_block_to_pairs, p, sz, 4)
 }
 
 // ---- attention for one query token per head (a decode step), grouped-query heads sharing a key/value head:

@@ -51,12 +51,15 @@ def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows, monk
 
 @needs_kernels
 @pytest.mark.parametrize("in_f,out_f,group", SHAPES)
-@pytest.mark.parametrize("rows", [1, 4, 5, 8, 17, 40])
-def test_tile_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, rows, monkeypatch):
-    """The tile GEMMs dequantize each tile as dequantize() does and accumulate in fp32: before the output's
-    rounding they are x @ dequantize().T to ~1e-7 (the GEMVs' exact group-wise product differs by ~1e-3)."""
+@pytest.mark.parametrize("rows", [1, 4, 5, 8, 13, 17, 40])
+@pytest.mark.parametrize("int8_tile_max", [16, 0])                        # INT8: the tile GEMM, or the pair GEMM
+def test_many_row_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, rows, int8_tile_max, monkeypatch):
+    """The tile and pair GEMMs dequantize each weight as dequantize() does and accumulate in fp32: before the
+    output's rounding they are x @ dequantize().T to ~1e-7 (the GEMVs' exact group-wise product differs by ~1e-3).
+    The shapes give the pair GEMM partial 32-row blocks (72, 40, 8 outputs) and every row block size 1-12."""
     monkeypatch.setattr(kernels, "INT4_GEMV_MAX_ROWS", 0)
     monkeypatch.setattr(kernels, "INT8_GEMV_MAX_ROWS", 0)
+    monkeypatch.setattr(kernels, "INT8_TILE_MAX_ROWS", int8_tile_max)
     x = torch.randn(rows, in_f).to(torch.bfloat16)
     m8, m4 = int8_module(in_f, out_f, group), int4_module(in_f, out_f, group)
     y8 = kernels.linear_int8(x, m8.qweight, m8.scales, group, out_f)
@@ -64,23 +67,32 @@ def test_tile_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, rows, 
     assert rel(y8, x.double() @ m8.dequantize().double().t()) < 1e-6
     assert rel(y4, x.double() @ m4.dequantize().double().t()) < 1e-6
     assert rel(y4, x.double() @ exact_group_weight(m4).t()) > 1e-5          # really the bf16 weights, not the exact ones
-    bf16_out = kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group, out_f, torch.bfloat16)
-    assert torch.equal(bf16_out, y4.to(torch.bfloat16))
+    for y, run in ((y4, lambda: kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group, out_f, torch.bfloat16)),
+                   (y8, lambda: kernels.linear_int8(x, m8.qweight, m8.scales, group, out_f, torch.bfloat16))):
+        assert torch.equal(run(), y.to(torch.bfloat16))
+    # within one kernel a row's bits do not depend on its neighbours (one row takes the same kernel here unless
+    # the INT8 rows crossed from the tile GEMM to the pair GEMM)
+    assert torch.equal(kernels.linear_int4(x[-1:], m4.weight_packed, m4.scales_and_zeros, group, out_f), y4[-1:])
+    if rows <= int8_tile_max or int8_tile_max == 0:
+        assert torch.equal(kernels.linear_int8(x[-1:], m8.qweight, m8.scales, group, out_f), y8[-1:])
 
 
 @needs_kernels
-def test_the_gemv_and_tile_gemm_thresholds_pick_the_kernel(monkeypatch):
+def test_the_row_thresholds_pick_the_kernel(monkeypatch):
     lib = kernels.library()
     calls = []
-    for name in ("grace_gemv_int4", "grace_tile_gemm_int4", "grace_gemv_int8", "grace_tile_gemm_int8"):
+    names = ["grace_gemv_int4", "grace_pair_gemm_int4", "grace_gemv_int8", "grace_tile_gemm_int8", "grace_pair_gemm_int8"]
+    for name in names:
         real = getattr(lib, name)
         monkeypatch.setattr(lib, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     m8, m4 = int8_module(256, 64, 128), int4_module(256, 64, 128)
     for rows in (kernels.INT4_GEMV_MAX_ROWS, kernels.INT4_GEMV_MAX_ROWS + 1):
         kernels.linear_int4(torch.randn(rows, 256).to(torch.bfloat16), m4.weight_packed, m4.scales_and_zeros, 128, 64)
-    for rows in (kernels.INT8_GEMV_MAX_ROWS, kernels.INT8_GEMV_MAX_ROWS + 1):
+    for rows in (kernels.INT8_GEMV_MAX_ROWS, kernels.INT8_GEMV_MAX_ROWS + 1, kernels.INT8_TILE_MAX_ROWS,
+                 kernels.INT8_TILE_MAX_ROWS + 1):
         kernels.linear_int8(torch.randn(rows, 256).to(torch.bfloat16), m8.qweight, m8.scales, 128, 64)
-    assert calls == ["grace_gemv_int4", "grace_tile_gemm_int4", "grace_gemv_int8", "grace_tile_gemm_int8"]
+    assert calls == ["grace_gemv_int4", "grace_pair_gemm_int4", "grace_gemv_int8", "grace_tile_gemm_int8",
+                     "grace_tile_gemm_int8", "grace_pair_gemm_int8"]
 
 
 @needs_kernels
