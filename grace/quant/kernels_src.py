@@ -521,6 +521,19 @@ ALWAYS void gemm_micro(const uint32_t *xb, const uint32_t *wv, int64_t K, void *
     }
 }
 
+// rows of x (P pairs each) -> [P][rows] (rows <= 16): 16 pairs of every row at a time, transposed in registers
+static inline void pack_x_block(const uint32_t *xr, uint32_t *o, int64_t P, int64_t rows) {
+    __mmask16 keep = (__mmask16)((1u << rows) - 1);
+    int64_t k = 0;
+    for (; k + 16 <= P; k += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; i++) r[i] = i < rows ? _mm512_loadu_si512(xr + i * P + k) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int q = 0; q < 16; q++) _mm512_mask_storeu_epi32(o + (k + q) * rows, keep, r[q]);
+    }
+    for (; k < P; k++) for (int64_t i = 0; i < rows; i++) o[k * rows + i] = xr[i * P + k];
+}
+
 #define GEMM_CALL(T) gemm_micro(xb + m0 * P, wv, K, y, yb, N, m0, nb * 32, pf, m0 == 0 ? pf_lines : 0, T)
 #define PAIR_GEMM(BLOCK_FN, W, S, BITS)                                                                           \
     int64_t P = K / 2;                                                                                      \
@@ -530,9 +543,7 @@ ALWAYS void gemm_micro(const uint32_t *xb, const uint32_t *wv, int64_t K, void *
         _Pragma("omp for schedule(static)")                                                                 \
         for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {                                                        \
             int64_t mr = M - m0 < GEMM_MR ? M - m0 : GEMM_MR;                                               \
-            const uint32_t *xr = (const uint32_t *)(x + m0 * K);                                            \
-            uint32_t *o = xb + m0 * P;                                                                      \
-            for (int64_t k = 0; k < P; k++) for (int64_t i = 0; i < mr; i++) o[k * mr + i] = xr[i * P + k]; \
+            pack_x_block((const uint32_t *)(x + m0 * K), xb + m0 * P, P, mr);                               \
         }                                                                                                   \
         uint32_t *wv = (uint32_t *)aligned_alloc(64, (size_t)(P * 32 * 4));                                 \
         _Pragma("omp for schedule(static)")                                                                 \
