@@ -35,8 +35,9 @@ TILE = 8
 # above this many rows an fp32 forward dequantizes instead (see bench/linear_kernels.py).
 FP32_KERNEL_MAX_ROWS = 4
 # up to this many rows grace's kernels (kernels.py: the GEMV, then the pair GEMM) beat dequantize + the bf16 GEMM
-# (2B shapes, cold weights: the pair GEMM is ahead on every shape at 256 rows for INT4 (2-13 %) and level or ahead
-# for INT8, level at 512 and 4-10 % behind at 1024, where oneDNN's blocking amortizes the dequantize better)
+# (2B shapes, cold weights, bench/linear_kernels.py at d60b679: at 256 rows the pair GEMM is 5-8 % ahead on three
+# of four shapes and level (1 % behind) on the fourth, for INT4 6144->2048 and INT8 2048->1024; earlier runs:
+# level at 512 rows and 1-10 % behind at 1024, where oneDNN's blocking amortizes the dequantizing better)
 KERNEL_MAX_ROWS = 256
 def _nibbles_to_codes(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [n, k/2] (low nibble = even column) -> uint8 [n, k]."""

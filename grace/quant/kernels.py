@@ -9,9 +9,10 @@ byte once, accumulate in fp32 and apply the group scales exactly as the modules'
 defines them. The quantized weights are held in tiles of 8 output rows that are one contiguous
 stream in memory (Int8Linear / Int4Linear layout "tiled"): read row by row, 8 rows were 8 streams
 and the GEMVs moved under half the read bandwidth; tiled, they move about twice as much. For more
-rows (a prompt's prefill) a GEMM dequantizes 32 output rows at a time, bit-identical to `dequantize()`,
-into the layout of the bf16 dot product and runs at its peak; for very many rows they dequantize
-into a bf16 buffer for torch's bf16 GEMM. The GEMVs write fp32 or, for a module's bias-free decode step, bf16 directly
+rows (a prompt's prefill) the pair GEMM dequantizes 32 output rows at a time, bit-identical to
+`dequantize()`, into the layout of the bf16 dot product and runs at its peak (INT8 at 8-16 rows first
+takes a tile GEMM over 8-row tiles); for very many rows the modules dequantize into a bf16 buffer for
+torch's bf16 GEMM. The GEMVs write fp32 or, for a module's bias-free decode step, bf16 directly
 (the same rounding as `.to(torch.bfloat16)`, one op less per linear).
 
 The library is compiled at first use with the system C compiler (`cc -O3 -march=native -fopenmp`,
@@ -159,7 +160,7 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-# -- GEMVs and tile GEMMs: x [..., K] bf16 (M rows) -> y [..., N] fp32, or bf16 (the fp32 result rounded to nearest
+# -- GEMVs, tile and pair GEMMs: x [..., K] bf16 (M rows) -> y [..., N] fp32, or bf16 (the fp32 result rounded to nearest
 # even, as .to() does). The output is allocated in its final shape: a reshape before and after cost ~2.5 us of a
 # ~30 us decode-step linear.
 
@@ -186,8 +187,8 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torc
 # - the tile GEMM (INT8 only, up to INT8_TILE_MAX_ROWS): each 8-row tile dequantized once into L1 / L2 and met
 #   by a 4 x 4 bf16 dot-product kernel; at 8-16 rows it is level with the pair GEMM or up to 25 % ahead (K = 6144).
 # - the pair GEMM above (grace_pair_gemm_*, up to the modules' KERNEL_MAX_ROWS): 32 output rows dequantized at a
-#   time into the dot product's pair layout and met by a 12 x 32 register-blocked kernel at the bf16 peak; from
-#   32 rows it leads the tile GEMM by 5-45 % and dequantize + oneDNN by 4-25 %.
+#   time into the dot product's pair layout and met by a 12 x 32 register-blocked kernel at the bf16 peak; at
+#   32-96 rows it leads the tile GEMM by 5-45 % and dequantize + oneDNN by 4-25 %.
 # Numerics: the GEMVs compute the exact group-wise product in fp32; the tile and pair GEMMs, like the dequantize
 # + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation). Every path gives a row the same
 # bits whatever other rows share the call.

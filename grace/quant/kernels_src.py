@@ -435,7 +435,6 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-// rows n0 .. n0+31 (zero from N on) of an int4 / int8 tiled weight into wv [K/2][32] pairs
 // a row's 16 possible weights in one group, bf16 (as int4_x32 rounds them), twice: vpermw reads 5 index bits
 static inline __m512i int4_lut(__m512 sv, __m512 zv, __m512 table) {
     __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(table, sv, zv));
@@ -446,6 +445,7 @@ static inline __m512i int4_pairs_lut(const uint8_t *q, __m512i lut) {
     __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
     return _mm512_permutexvar_epi16(_mm512_or_si512(d, _mm512_slli_epi32(d, 12)), lut);
 }
+// rows n0 .. n0+31 (zero from N on) of an int4 / int8 tiled weight into wv [K/2][32] pairs
 ALWAYS void int4_block_to_pairs(const uint8_t *p, const uint16_t *sz, uint32_t *wv, int64_t N, int64_t K, int64_t gs, int64_t n0) {
     int64_t G = K / gs, C = K / 128;
     const __m512 table = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
@@ -550,7 +550,7 @@ static inline void pack_x_block(const uint32_t *xr, uint32_t *o, int64_t P, int6
         for (int64_t nb = 0; nb < (N + 31) / 32; nb++) {                                                    \
             BLOCK_FN(W, S, wv, N, K, gs, nb * 32);                                                          \
             int64_t rest = N - (nb + 1) * 32, rows = rest < 0 ? 0 : rest < 32 ? rest : 32;                    \
-            const char *pf = (const char *)(W) + (nb + 1) * 32 * K * BITS / 8;                               \
+            const char *pf = rows ? (const char *)(W) + (nb + 1) * 32 * K * BITS / 8 : NULL;                \
             int64_t pf_lines = rows * K * BITS / 8 / 64;                                                    \
             for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {                                                   \
                 int64_t mr = M - m0 < GEMM_MR ? M - m0 : GEMM_MR;                                           \

@@ -50,13 +50,14 @@ def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows, monk
 
 
 @needs_kernels
-@pytest.mark.parametrize("in_f,out_f,group", SHAPES)
-@pytest.mark.parametrize("rows", [1, 4, 5, 8, 13, 17, 40])
+@pytest.mark.parametrize("in_f,out_f,group", SHAPES + [(256, 48, 128), (256, 56, 128)])
+@pytest.mark.parametrize("rows", list(range(1, 14)) + [17, 40])
 @pytest.mark.parametrize("int8_tile_max", [16, 0])                        # INT8: the tile GEMM, or the pair GEMM
 def test_many_row_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, rows, int8_tile_max, monkeypatch):
     """The tile and pair GEMMs dequantize each weight as dequantize() does and accumulate in fp32: before the
     output's rounding they are x @ dequantize().T to ~1e-7 (the GEMVs' exact group-wise product differs by ~1e-3).
-    The shapes give the pair GEMM partial 32-row blocks (72, 40, 8 outputs) and every row block size 1-12."""
+    The shapes give the pair GEMM partial 32-row blocks of 8, 16 and 24 rows (40 / 72, 48, 56 outputs) and the
+    rows every row-block size 1-12 (13, 17 and 40 rows: a full block and a rest)."""
     monkeypatch.setattr(kernels, "INT4_GEMV_MAX_ROWS", 0)
     monkeypatch.setattr(kernels, "INT8_GEMV_MAX_ROWS", 0)
     monkeypatch.setattr(kernels, "INT8_TILE_MAX_ROWS", int8_tile_max)
@@ -114,25 +115,25 @@ def test_dequantize_kernels_are_bit_identical_to_dequantize(in_f, out_f, group):
 @pytest.mark.parametrize("make,limit_name", [(int4_module, "q4"), (int8_module, "q8")])
 @pytest.mark.parametrize("in_f,out_f,group", SHAPES[:2])
 def test_forward_paths_at_the_threshold(make, limit_name, in_f, out_f, group, monkeypatch):
-    """KERNEL_MAX_ROWS rows take the GEMV; one more takes dequantize + the bf16 GEMM, which is exactly
-    F.linear on dequantize() (same weight, same call)."""
+    """KERNEL_MAX_ROWS rows take grace's kernel (there the pair GEMM); one more takes dequantize + the bf16
+    GEMM, which is exactly F.linear on dequantize() (same weight, same call)."""
     mod = q4 if limit_name == "q4" else q8
     module = make(in_f, out_f, group)
     limit = mod.KERNEL_MAX_ROWS
     calls = []
     gemv = kernels.linear_int4 if mod is q4 else kernels.linear_int8
-    monkeypatch.setattr(kernels, gemv.__name__, lambda *a: calls.append("gemv") or gemv(*a))
+    monkeypatch.setattr(kernels, gemv.__name__, lambda *a: calls.append("kernel") or gemv(*a))
     dequantized = kernels.dequantized_linear
     monkeypatch.setattr(kernels, "dequantized_linear", lambda *a: calls.append("dequant") or dequantized(*a))
     with torch.inference_mode():
         x = torch.randn(limit, in_f).to(torch.bfloat16)
         y = module(x)
-        assert calls == ["gemv"]
+        assert calls == ["kernel"]
         ref = x.double() @ exact_group_weight(module).t() + module.bias.double()
         assert rel(y, ref) < 4e-3                                      # bf16 output rounding
         x = torch.randn(limit + 1, in_f).to(torch.bfloat16)
         y = module(x)
-        assert calls == ["gemv", "dequant"]
+        assert calls == ["kernel", "dequant"]
         assert torch.equal(y, F.linear(x, module.dequantize()) + module.bias)
 
 
