@@ -10,9 +10,22 @@ written and read through accelerate's save_state / load_state.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 ACCELERATE_ZERO2 = Path(__file__).with_name("accelerate_zero2.yaml")
+
+
+def deepspeed_requested() -> bool:
+    """Whether this process was started by `accelerate launch` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+# accelerate runs DeepSpeed only on accelerators: on a CPU-only machine the same launch trains as plain
+# data-parallel CPU processes (measured with deepspeed 0.19.8 and its CPU accelerator: accelerate finds no
+# process-group backend for it and each process would train alone), so the trainer says so instead
+NO_DEEPSPEED_ON_CPU = ("DeepSpeed was asked for, but accelerate runs it only on GPUs: training as {n} plain "
+                       "data-parallel CPU process(es) instead (no ZeRO sharding)")
 
 
 def uses_deepspeed(accelerator) -> bool:

@@ -25,7 +25,7 @@ import torch
 from .checkpoint import Checkpointer, CheckpointError, CheckpointTimer, find_checkpoint, rng_state
 from .config import RESUME_MAY_CHANGE, TrainConfig, TrainResult
 from .control import StopRequest, clear_stop_file
-from .deepspeed_zero import configure_deepspeed, uses_deepspeed
+from .deepspeed_zero import NO_DEEPSPEED_ON_CPU, configure_deepspeed, deepspeed_requested, uses_deepspeed
 from .metrics import METRICS_FILE, MetricsWriter, progress_line, read_metrics, summarize
 from .models import check_compatible, export_release, load_student, load_teacher
 from .objectives import build_objective, micro_step
@@ -61,6 +61,8 @@ class Trainer:
         self.deepspeed = uses_deepspeed(self.accelerator)
         if self.deepspeed:
             configure_deepspeed(self.accelerator.state.deepspeed_plugin, config.max_grad_norm)
+        elif deepspeed_requested() and self.is_main:
+            print(NO_DEEPSPEED_ON_CPU.format(n=self.accelerator.num_processes), file=sys.stderr)
         self.earlier = None
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)

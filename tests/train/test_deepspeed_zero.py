@@ -44,3 +44,22 @@ def test_zero3_is_refused_in_words(monkeypatch, tmp_path):
     launch_environment(monkeypatch, zero3)
     with pytest.raises(ValueError, match="stage 3 shards the parameters"):
         configure_deepspeed(DeepSpeedPlugin(), max_grad_norm=1.0)
+
+
+def test_a_deepspeed_launch_on_a_cpu_machine_says_it_trains_without_it(models, tmp_path, monkeypatch, capsys):
+    """accelerate runs DeepSpeed only on GPUs; on CPU the trainer says it trains as plain processes instead."""
+    import torch
+
+    import grace
+    from grace.train.deepspeed_zero import deepspeed_requested
+
+    from train_helpers import settings
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the launch does run DeepSpeed")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert deepspeed_requested()
+    result = grace.train(settings(models, tmp_path / "run", teacher="none", bits=16, steps=1))
+    assert result.outcome == "finished"
+    err = capsys.readouterr().err
+    assert "DeepSpeed was asked for, but accelerate runs it only on GPUs" in err and "1 plain" in err
