@@ -47,7 +47,9 @@ def test_zero3_is_refused_in_words(monkeypatch, tmp_path):
 
 
 def test_a_deepspeed_launch_on_a_cpu_machine_says_it_trains_without_it(models, tmp_path, monkeypatch, capsys):
-    """accelerate runs DeepSpeed only on GPUs; on CPU the trainer says it trains as plain processes instead."""
+    """accelerate runs DeepSpeed only on GPUs; on CPU the trainer says it trains as plain processes instead.
+    (Needs deepspeed itself, an optional dependency: accelerate builds its plugin from the launch's settings.)"""
+    pytest.importorskip("deepspeed")
     import torch
 
     import grace
