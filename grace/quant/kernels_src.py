@@ -192,6 +192,21 @@ static inline int weight_of(const int64_t *first, int64_t t) {
     while (t >= first[w + 1]) w++;
     return w;
 }
+// the quantized *_many GEMVs: every tile b of every weight (codes / params / ys / Ns[w]) in one parallel loop,
+// its M activation rows in passes of up to four (CALL(MM) sees codes, params, y, N, b and m0)
+#define EACH_TILE_IN_PASSES_OF_4(CODES, PARAMS, CALL)                                                        \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t t = 0; t < tiles; t++) {                                                                   \
+        int w = weight_of(first, t);                                                                        \
+        const void *codes = (CODES)[w];                                                                     \
+        const uint16_t *params = (PARAMS)[w];                                                               \
+        void *y = ys[w];                                                                                    \
+        int64_t N = Ns[w], b = t - first[w];                                                                \
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                             \
+            int64_t mm = M - m0 < 4 ? M - m0 : 4;                                                           \
+            FOR_M(mm, CALL);                                                                                \
+        }                                                                                                   \
+    }
 
 // one row, several weights of whole 8-row tiles (N % 8 == 0) reading the same x, as for the quantized GEMVs
 void grace_gemv_bf16_many(const uint16_t *x, const uint16_t *const *ws, void *const *ys, const int64_t *Ns, int count,
@@ -259,19 +274,8 @@ ALWAYS void int8_tile(const uint16_t *x, const int8_t *q, const uint16_t *s, voi
 void grace_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, const uint16_t *const *ss, void *const *ys,
                           const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
     int64_t first[MANY_MAX + 1], tiles = tile_table(Ns, count, first);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int w = weight_of(first, t);
-        const int8_t *q = qs[w];
-        const uint16_t *s = ss[w];
-        void *y = ys[w];
-        int64_t N = Ns[w], b = t - first[w];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            int64_t mm = M - m0 < 4 ? M - m0 : 4;
-#define I8_CALL(T) int8_tile(x, q, s, y, yb, N, K, gs, b, m0, T)
-            FOR_M(mm, I8_CALL);
-        }
-    }
+#define I8_CALL(T) int8_tile(x, (const int8_t *)codes, params, y, yb, N, K, gs, b, m0, T)
+    EACH_TILE_IN_PASSES_OF_4(qs, ss, I8_CALL);
 }
 void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N, int64_t K,
                      int64_t gs, int nt, int yb) {
@@ -357,19 +361,8 @@ void grace_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uin
             sx[m * C + c] = _mm512_reduce_add_ps(acc);
         }
     }
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int w = weight_of(first, t);
-        const uint8_t *p = ps[w];
-        const uint16_t *sz = szs[w];
-        void *y = ys[w];
-        int64_t N = Ns[w], b = t - first[w];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            int64_t mm = M - m0 < 4 ? M - m0 : 4;
-#define I4_CALL(T) int4_tile(xp, sx, p, sz, y, yb, N, K, gs, b, m0, T)
-            FOR_M(mm, I4_CALL);
-        }
-    }
+#define I4_CALL(T) int4_tile(xp, sx, (const uint8_t *)codes, params, y, yb, N, K, gs, b, m0, T)
+    EACH_TILE_IN_PASSES_OF_4(ps, szs, I4_CALL);
     free(xp);
     free(sx);
 }
@@ -381,28 +374,26 @@ void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, vo
 // dequantizes one 8-row tile at a time into a bf16 buffer of 8 x K (L1 / L2), bit-identical to the dequantizers,
 // and meets it with every activation row through the bf16 tile kernel, so the codes are unpacked once per call
 // (the GEMVs unpack them again for every four rows) and no dequantized copy goes through DRAM.
-#define TILE_ROWS_CALL(T) bf16_tile(x, w4, y, yb, N, K, n0, m0, T, 4)
-#define TILE_GEMM(TILE_FN, W, S)                                                                             \
-    _Pragma("omp parallel num_threads(nt)")                                                                 \
-    {                                                                                                       \
-        uint16_t *wt = (uint16_t *)aligned_alloc(64, (size_t)(16 * K));                                     \
-        _Pragma("omp for schedule(static)")                                                                 \
-        for (int64_t b = 0; b < N / 8; b++) {                                                               \
-            TILE_FN(W, S, wt, K, K, gs, b, b * 8, 8, 0);                                                   \
-            for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                         \
-                int64_t mm = M - m0 < 4 ? M - m0 : 4;                                                       \
-                for (int r0 = 0; r0 < 8; r0 += 4) {                                                         \
-                    const uint16_t *w4 = wt + r0 * K; int64_t n0 = b * 8 + r0;                              \
-                    FOR_M(mm, TILE_ROWS_CALL);                                                              \
-                }                                                                                           \
-            }                                                                                               \
-        }                                                                                                   \
-        free(wt);                                                                                           \
-    }
-
 void grace_tile_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N,
                           int64_t K, int64_t gs, int nt, int yb) {
-    TILE_GEMM(int8_tile_to_bf16, q, s)
+#pragma omp parallel num_threads(nt)
+    {
+        uint16_t *wt = (uint16_t *)aligned_alloc(64, (size_t)(16 * K));
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < N / 8; b++) {
+            int8_tile_to_bf16(q, s, wt, K, K, gs, b, b * 8, 8, 0);
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                int64_t mm = M - m0 < 4 ? M - m0 : 4;
+                for (int r0 = 0; r0 < 8; r0 += 4) {
+                    const uint16_t *w4 = wt + r0 * K;
+                    int64_t n0 = b * 8 + r0;
+#define TILE_ROWS_CALL(T) bf16_tile(x, w4, y, yb, N, K, n0, m0, T, 4)
+                    FOR_M(mm, TILE_ROWS_CALL);
+                }
+            }
+        }
+        free(wt);
+    }
 }
 
 
