@@ -16,7 +16,9 @@ lm_head 2048→151936) and each number of rows M, all variants are timed interle
 Weights are cold as in real decode: each variant rotates over copies of its weights totalling at
 least 256 MB (> the 32 MB L3), so every call reads them from DRAM. The read bandwidth is measured
 (best of 5 sums of a 1 GiB fp32 tensor, before and after) and each time is also given as a share
-of it (bytes the variant must read / time / bandwidth). The bf16 reference of every speedup is the
+of it (bytes the variant must read / time / bandwidth). At M = 1 a second reference is timed in the
+same rounds: a plain streaming read (a byte max) of the very bf16 / INT8 / INT4 weight copies our
+kernels read, so "% of read" is against what those bytes, that cold, in that round, can give. The bf16 reference of every speedup is the
 FASTEST bf16 path at that M. Quantized weights come from the library (grace.quantize_ on a bf16
 linear; peers quantize the same bf16 weight). Writes bench/results/linear_kernels.json.
 """
@@ -51,13 +53,16 @@ HEAD = (2048, 151_936)
 COLD_BYTES = 256 << 20
 BIG = 1 << 30
 GEMV_MAX_M = 256         # grace's kernel variants are not timed above this (its largest default: KERNEL_MAX_ROWS)
+READ_MS = (1,)           # the row counts that also time the plain read of the weights (the bandwidth target is at M = 1)
 NO_ONEDNN_MAX_M = 8      # nor F.linear with oneDNN off (2-4x behind oneDNN from M = 4 on; minutes at M = 256)
 BF16 = ("bf16_onednn", "bf16_no_onednn", "bf16_grace")
 LABEL = {"bf16_onednn": "bf16 F.linear (oneDNN)", "bf16_no_onednn": "bf16 F.linear, oneDNN off",
          "bf16_grace": "bf16 grace GEMV", "int8_gemv": "grace INT8 kernel (GEMV / tile / pair GEMM)", "int8_dequant": "grace INT8 dequant+GEMM",
          "int4_gemv": "grace INT4 kernel (GEMV / pair GEMM)", "int4_dequant": "grace INT4 dequant+GEMM",
          "torch_int8_row": "torch per-row int8", "torch_int4": "torch int4 (tinygemm CPU)",
-         "ao_int8": "torchao int8", "ao_int4": "torchao int4", "quanto_qint8": "quanto qint8", "quanto_qint4": "quanto qint4"}
+         "ao_int8": "torchao int8", "ao_int4": "torchao int4", "quanto_qint8": "quanto qint8", "quanto_qint4": "quanto qint4",
+         "read_bf16": "plain read of the bf16 weights", "read_int8": "plain read of the INT8 codes",
+         "read_int4": "plain read of the INT4 codes"}
 
 
 def read_bandwidth() -> float:
@@ -168,6 +173,11 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
                "torch_int8_row": lambda: torch._weight_int8pack_mm(x, nxt["torch_int8_row"](), s_row),
                "torch_int4": lambda: torch._weight_int4pack_mm_for_cpu(x, *_first_sz(nxt["torch_int4"]())),
                **{name: (lambda f=nxt[name]: f()(x)) for name in pool if name.startswith(("ao_", "quanto_"))}}
+        if m in READ_MS:
+            # what a kernel that only streams the bytes gets: the weight copies' largest tensor (codes or bf16
+            # weights; scales are < 4 % of the bytes), rotated like the kernels, one vectorised byte max each
+            fns |= {f"read_{kind}": (lambda f=nxt[kind], kind=kind: _main_tensor(f()).view(torch.uint8).amax())
+                    for kind in READ_KINDS}
         if m <= NO_ONEDNN_MAX_M:
             fns["bf16_no_onednn"] = lambda: no_onednn(x, nxt["bf16"]())
         if m <= GEMV_MAX_M and kernels.available():
@@ -178,17 +188,23 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
         reference = x.double() @ linear.weight.double().t()
         errors = {}
         for name, fn in fns.items():
-            if name in ("torch_int8_row",):
-                continue                                  # random codes: a speed peer, not a quantization of W
+            if name == "torch_int8_row" or name.startswith("read_"):
+                continue                                  # random codes: a speed peer, not a quantization of W; a read
             errors[name] = ((fn().double() - reference).norm() / reference.norm()).item()
         row = {"in": k, "out": n, "m": m, "load": load, "time": {key: U.summary(v) for key, v in samples.items()},
-               "bytes": {name: bytes_of[_bytes_key(name)] for name in fns}, "rel_error_vs_bf16_layer": errors,
+               "bytes": {name: bytes_of[_bytes_key(name)] for name in fns if not name.startswith("read_")}, "rel_error_vs_bf16_layer": errors,
                "default_path": {"int8": ("gemv" if m <= kernels.INT8_GEMV_MAX_ROWS else "tile gemm"
                                          if m <= kernels.INT8_TILE_MAX_ROWS else "pair gemm")
                                 if m <= q8.KERNEL_MAX_ROWS else "dequant",
                                 "int4": ("gemv" if m <= kernels.INT4_GEMV_MAX_ROWS else "pair gemm")
                                 if m <= q4.KERNEL_MAX_ROWS else "dequant",
                                 "bf16_grace": "gemv" if m <= qb.KERNEL_MAX_ROWS else "F.linear (oneDNN)"}}
+        if m in READ_MS:
+            read_bytes = {kind: _main_tensor(pool[kind][0]).nbytes for kind in READ_KINDS}
+            row["bytes"] |= {f"read_{kind}": read_bytes[kind] for kind in READ_KINDS}
+            row["read_gbs"] = {kind: read_bytes[kind] / row["time"][f"read_{kind}"]["median_s"] / 1e9 for kind in READ_KINDS}
+            row["share_of_read"] = {name: row["bytes"][name] / row["time"][name]["median_s"] / 1e9 / row["read_gbs"][_read_kind(name)]
+                                    for name in fns if not name.startswith("read_")}
         best_bf16 = min((name for name in BF16 if name in samples), key=lambda name: row["time"][name]["median_s"])
         row["best_bf16"] = best_bf16
         row["speedup_vs_best_bf16"] = {name: U.paired_ratio(samples[best_bf16], samples[name]) for name in samples}
@@ -196,6 +212,21 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
         print(f"  {k}→{n} M={m}: " + ", ".join(f"{name} {U.fmt_us(v['median_s'])}" for name, v in row["time"].items())
               + U.load_note(load), file=sys.stderr, flush=True)
     return rows
+
+
+READ_KINDS = ("bf16", "int8", "int4")
+
+
+def _main_tensor(weight):
+    """The tensor holding (nearly) all of a pooled weight's bytes: bf16 weights, or a module's codes."""
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return weight.qweight if isinstance(weight, q8.Int8Linear) else weight.weight_packed
+
+
+def _read_kind(name: str) -> str:
+    """Whose read a variant is measured against: its bytes' kind (peers: our weights of the same kind and size)."""
+    return "bf16" if name.startswith("bf16") else "int8" if "int8" in name else "int4"
 
 
 def _first_sz(pair):
@@ -218,7 +249,11 @@ def _forced(module, limit, mod, x):
 # -- report ---------------------------------------------------------------------------------------------
 
 def pct(row, name, bandwidth) -> str:
-    return f"{row['bytes'][name] / row['time'][name]['median_s'] / 1e9 / bandwidth * 100:.0f}%"
+    """The share of the run's 1 GiB-sum bandwidth, and where timed (M = 1) of the same round's read of the weights."""
+    share = f"{row['bytes'][name] / row['time'][name]['median_s'] / 1e9 / bandwidth * 100:.0f}%"
+    if name in row.get("share_of_read", {}):
+        share += f" · {row['share_of_read'][name] * 100:.0f}% of read"
+    return share
 
 
 def table_for_m(res, m) -> str:
@@ -227,8 +262,9 @@ def table_for_m(res, m) -> str:
     if not rows:
         return ""
     names = [n for n in LABEL if any(n in r["time"] for r in rows)]
-    out = [f"M = {m}: median µs per call (share of the {bw:.0f} GB/s read bandwidth) and speedup against "
-           "the fastest bf16 path (marked *)", ""]
+    out = [f"M = {m}: median µs per call (share of the {bw:.0f} GB/s read bandwidth"
+           + (", and of the same round's plain read of the same kind of weights" if any("share_of_read" in r for r in rows) else "")
+           + ") and speedup against the fastest bf16 path (marked *)", ""]
     header = ["variant"] + [f"{r['in']}→{r['out']}" for r in rows]
     body = []
     for name in names:
@@ -238,6 +274,10 @@ def table_for_m(res, m) -> str:
                 cells.append("–")
                 continue
             star = "*" if r["best_bf16"] == name else ""
+            if name.startswith("read_"):
+                kind = name[5:]
+                cells.append(f"{U.fmt_us(r['time'][name]['median_s'])} ({pct(r, name, bw)}) = {r['read_gbs'][kind]:.1f} GB/s")
+                continue
             cells.append(f"{U.fmt_us(r['time'][name]['median_s'])}{star} ({pct(r, name, bw)}) "
                          f"{r['speedup_vs_best_bf16'][name]:.2f}×")
         body.append(cells)
