@@ -123,7 +123,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 17:
+    if lib.grace_kernels_version() != 18:
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
