@@ -19,8 +19,9 @@ least 256 MB (> the 32 MB L3), so every call reads them from DRAM. The read band
 of it (bytes the variant must read / time / bandwidth). At M = 1 a second reference is timed in the
 same rounds: a plain streaming read (a byte max) of the very bf16 / INT8 / INT4 weight copies our
 kernels read, so "% of read" is against what those bytes, that cold, in that round, can give. The
-bf16 reference of every speedup is the FASTEST bf16 path at that M. Quantized weights come from the library (grace.quantize_ on a bf16
-linear; peers quantize the same bf16 weight). Writes bench/results/linear_kernels.json.
+bf16 reference of every speedup is the FASTEST bf16 path at that M. Quantized weights come from the
+library (grace.quantize_ on a bf16 linear; peers quantize the same bf16 weight). Writes
+bench/results/linear_kernels.json.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
         lin.weight = nn.Parameter(w, requires_grad=False)
         fast_bf16_linears_(nn.Sequential(lin))
         fast.append(lin)
+    bytes_of |= {f"read_{kind}": _main_tensor(pool[kind][0]).nbytes for kind in READ_KINDS}
     for name, (make, nbytes) in peers(linear).items():
         bytes_of[name] = nbytes
         pool[name] = [make() for _ in range(copies_for(nbytes))]
@@ -192,8 +194,7 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
                 continue                                  # random codes: a speed peer, not a quantization of W; a read
             errors[name] = ((fn().double() - reference).norm() / reference.norm()).item()
         row = {"in": k, "out": n, "m": m, "load": load, "time": {key: U.summary(v) for key, v in samples.items()},
-               "bytes": {name: bytes_of[_bytes_key(name)] for name in fns if not name.startswith("read_")},
-               "rel_error_vs_bf16_layer": errors,
+               "bytes": {name: bytes_of[_bytes_key(name)] for name in fns}, "rel_error_vs_bf16_layer": errors,
                "default_path": {"int8": ("gemv" if m <= kernels.INT8_GEMV_MAX_ROWS else "tile gemm"
                                          if m <= kernels.INT8_TILE_MAX_ROWS else "pair gemm")
                                 if m <= q8.KERNEL_MAX_ROWS else "dequant",
@@ -201,9 +202,8 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
                                 if m <= q4.KERNEL_MAX_ROWS else "dequant",
                                 "bf16_grace": "gemv" if m <= qb.KERNEL_MAX_ROWS else "F.linear (oneDNN)"}}
         if m in READ_MS:
-            read_bytes = {kind: _main_tensor(pool[kind][0]).nbytes for kind in READ_KINDS}
-            row["bytes"] |= {f"read_{kind}": read_bytes[kind] for kind in READ_KINDS}
-            row["read_gbs"] = {kind: read_bytes[kind] / row["time"][f"read_{kind}"]["median_s"] / 1e9 for kind in READ_KINDS}
+            row["read_gbs"] = {kind: bytes_of[f"read_{kind}"] / row["time"][f"read_{kind}"]["median_s"] / 1e9
+                               for kind in READ_KINDS}
             row["share_of_read"] = {name: row["bytes"][name] / row["time"][name]["median_s"] / 1e9
                                     / row["read_gbs"][_read_kind(name)] for name in fns if not name.startswith("read_")}
         best_bf16 = min((name for name in BF16 if name in samples), key=lambda name: row["time"][name]["median_s"])
