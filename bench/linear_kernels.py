@@ -58,8 +58,8 @@ READ_MS = (1,)           # the row counts that also time the plain read of the w
 NO_ONEDNN_MAX_M = 8      # nor F.linear with oneDNN off (2-4x behind oneDNN from M = 4 on; minutes at M = 256)
 BF16 = ("bf16_onednn", "bf16_no_onednn", "bf16_grace")
 LABEL = {"bf16_onednn": "bf16 F.linear (oneDNN)", "bf16_no_onednn": "bf16 F.linear, oneDNN off",
-         "bf16_grace": "bf16 grace GEMV", "int8_gemv": "grace INT8 kernel (GEMV / tile / pair GEMM)", "int8_dequant": "grace INT8 dequant+GEMM",
-         "int4_gemv": "grace INT4 kernel (GEMV / pair GEMM)", "int4_dequant": "grace INT4 dequant+GEMM",
+         "bf16_grace": "bf16 grace GEMV", "int8_gemv": "grace INT8 kernel (GEMV / tile, pair or AMX GEMM)", "int8_dequant": "grace INT8 dequant+GEMM",
+         "int4_gemv": "grace INT4 kernel (GEMV / pair or AMX GEMM)", "int4_dequant": "grace INT4 dequant+GEMM",
          "torch_int8_row": "torch per-row int8", "torch_int4": "torch int4 (tinygemm CPU)",
          "ao_int8": "torchao int8", "ao_int4": "torchao int4", "quanto_qint8": "quanto qint8", "quanto_qint4": "quanto qint4",
          "read_bf16": "plain read of the bf16 weights", "read_int8": "plain read of the INT8 codes",
@@ -195,12 +195,11 @@ def measure_shape(k: int, n: int, ms: list[int], rounds: int) -> list[dict]:
             errors[name] = ((fn().double() - reference).norm() / reference.norm()).item()
         row = {"in": k, "out": n, "m": m, "load": load, "time": {key: U.summary(v) for key, v in samples.items()},
                "bytes": {name: bytes_of[_bytes_key(name)] for name in fns}, "rel_error_vs_bf16_layer": errors,
-               "default_path": {"int8": ("gemv" if m <= kernels.INT8_GEMV_MAX_ROWS else "tile gemm"
-                                         if m <= kernels.INT8_TILE_MAX_ROWS else "pair gemm")
-                                if m <= q8.KERNEL_MAX_ROWS else "dequant",
-                                "int4": ("gemv" if m <= kernels.INT4_GEMV_MAX_ROWS else "pair gemm")
-                                if m <= q4.KERNEL_MAX_ROWS else "dequant",
-                                "bf16_grace": "gemv" if m <= qb.KERNEL_MAX_ROWS else "F.linear (oneDNN)"}}
+               "default_path": {"int8": kernels.gemm_path("int8", m).replace("_", " ") if m <= q8.KERNEL_MAX_ROWS
+                                else "dequant",
+                                "int4": kernels.gemm_path("int4", m).replace("_", " ") if m <= q4.KERNEL_MAX_ROWS
+                                else "dequant",
+                                "bf16_grace": "gemv" if m <= qb.kernel_max_rows() else "F.linear (oneDNN)"}}
         if m in READ_MS:
             row["read_gbs"] = {kind: bytes_of[f"read_{kind}"] / row["time"][f"read_{kind}"]["median_s"] / 1e9
                                for kind in READ_KINDS}
@@ -243,6 +242,9 @@ def _bytes_key(name: str) -> str:
 
 
 def _forced(module, limit, mod, x):
+    if module is qb:                                  # FastBF16Linear's limit on this machine (AMX: its own)
+        with U.patched(qb, "KERNEL_MAX_ROWS", limit), U.patched(qb, "AMX_KERNEL_MAX_ROWS", limit):
+            return mod(x)
     with U.patched(module, "KERNEL_MAX_ROWS", limit):
         return mod(x)
 
@@ -375,8 +377,10 @@ def main(argv=None) -> dict:
     print(f"machine: {U.machine_line(info)}; kernels available: {kernels.available()}", file=sys.stderr)
     before = read_bandwidth()
     res = {"name": "linear_kernels", "quick": args.quick, "machine": info, "kernels_available": kernels.available(),
-           "thresholds": {"int8.KERNEL_MAX_ROWS": q8.KERNEL_MAX_ROWS, "int4.KERNEL_MAX_ROWS": q4.KERNEL_MAX_ROWS,
-                          "bf16.KERNEL_MAX_ROWS": qb.KERNEL_MAX_ROWS},
+           "thresholds": {"amx": kernels.amx(), "int8.KERNEL_MAX_ROWS": q8.KERNEL_MAX_ROWS,
+                          "int4.KERNEL_MAX_ROWS": q4.KERNEL_MAX_ROWS, "bf16 GEMV rows": qb.kernel_max_rows(),
+                          "int8 GEMV rows": kernels.gemv_max_rows("int8"),
+                          "int4 GEMV rows": kernels.gemv_max_rows("int4")},
            "protocol": f"cold weights (≥ {COLD_BYTES >> 20} MB of copies per variant), interleaved, {rounds} rounds, medians",
            "rows": []}
     for k, n in shapes:

@@ -402,9 +402,13 @@ def _projections(kind, shapes, seed=0):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind,rows", [("int4", 1), ("int4", 5), ("int4", 16), ("int8", 1), ("int8", 5), ("int8", 7),
-                                       ("bf16", 1)])
-def test_project_many_is_each_projection_bit_for_bit(monkeypatch, kind, rows):
+@pytest.mark.parametrize("kind,rows", [("int4", 1), ("int4", 3), ("int4", "most"), ("int8", 1), ("int8", 2),
+                                       ("int8", "most"), ("bf16", 1)])
+@pytest.mark.parametrize("limits", ["avx512", "this machine's"])        # the GEMVs' row limits (AMX: fewer rows)
+def test_project_many_is_each_projection_bit_for_bit(monkeypatch, kind, rows, limits):
+    if limits == "avx512":
+        monkeypatch.setattr(kernels, "_AMX", False)
+    rows = kernels.gemv_max_rows(kind) if rows == "most" else rows
     mods = _projections(kind, [(1024, 1024), (1024, 1024 + 256), (1024, 2048)])
     x = torch.randn(1, rows, 1024).to(torch.bfloat16)
     calls = _count_calls(monkeypatch, "gemv_many")
@@ -426,7 +430,7 @@ def test_project_many_falls_back_to_the_modules(monkeypatch, case):
         seen = []
         mods[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     if case == "rows":
-        x = torch.randn(1, kernels.INT4_GEMV_MAX_ROWS + 1, 1024).to(torch.bfloat16)
+        x = torch.randn(1, kernels.gemv_max_rows("int4") + 1, 1024).to(torch.bfloat16)
     if case == "grad":                                                     # autograd needs the modules' own path
         x.requires_grad_(True)
     if case == "group":
@@ -479,7 +483,7 @@ def test_fused_mlp_is_transformers_mlp_bit_for_bit(monkeypatch, kind, rows):
         mlp.__class__ = cpu_decode.FastQwen3VLTextMLP
         calls = _count_calls(monkeypatch, "gemv_many")
         got = mlp(x)
-    fused = rows == 1 or (kind == "int4" and rows <= kernels.INT4_GEMV_MAX_ROWS)
+    fused = rows == 1 or (kind == "int4" and rows <= kernels.gemv_max_rows("int4"))
     assert calls == ([1] if fused else []) and torch.equal(got, want)
 
 

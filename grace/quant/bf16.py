@@ -4,7 +4,7 @@ torch's bf16 `F.linear` with a few rows goes through oneDNN, which moves weights
 the machine's read bandwidth (bench/linear_kernels.py). Switching oneDNN off helps only at M = 1 and
 is a process-wide flag, which threads serving several models at once (the app's Compare tab) would
 flip under each other. `FastBF16Linear` instead calls grace's bf16 GEMV (quant/kernels.py) up to
-`KERNEL_MAX_ROWS` rows and `F.linear` otherwise: no global state, the same weights, fp32 accumulation.
+`kernel_max_rows()` rows and `F.linear` otherwise: no global state, the same weights, fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ from . import kernels
 
 # up to this many rows grace's bf16 GEMV beats oneDNN's GEMM (bench/linear_kernels.py: crossovers in the quiet rows of the sweep)
 KERNEL_MAX_ROWS = 16
+# ... where oneDNN runs on AMX (a 2-core AMX guest: the GEMV 2-10 % ahead at 5 rows, 0-9 % behind at 6)
+AMX_KERNEL_MAX_ROWS = 5
+
+
+def kernel_max_rows() -> int:
+    """Up to how many rows FastBF16Linear takes grace's GEMV on this machine (read at each call)."""
+    return AMX_KERNEL_MAX_ROWS if kernels.amx() else KERNEL_MAX_ROWS
 
 
 class FastBF16Linear(nn.Linear):
@@ -39,7 +46,7 @@ class FastBF16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, bias = self._parameters["weight"], self._parameters["bias"]   # not Module.__getattr__: ~0.5 us each
-        if self._kernel_takes(x, w, KERNEL_MAX_ROWS):
+        if self._kernel_takes(x, w, kernel_max_rows()):
             if bias is None:                            # bf16 straight from the kernel: the same rounding as .to()
                 return kernels.linear_bf16(x, w, torch.bfloat16)
             return (kernels.linear_bf16(x, w) + bias.float()).to(x.dtype)

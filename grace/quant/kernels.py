@@ -11,8 +11,9 @@ stream in memory (Int8Linear / Int4Linear layout "tiled"): read row by row, 8 ro
 and the GEMVs moved under half the read bandwidth; tiled, they move about twice as much. For more
 rows (a prompt's prefill) the pair GEMM dequantizes 32 output rows at a time, bit-identical to
 `dequantize()`, into the layout of the bf16 dot product and runs at its peak (INT8 at 8-16 rows first
-takes a tile GEMM over 8-row tiles); for very many rows the modules dequantize into a bf16 buffer for
-torch's bf16 GEMM. The GEMVs write fp32 or, for a module's bias-free decode step, bf16 directly
+takes a tile GEMM over 8-row tiles); on a CPU with AMX the AMX GEMM takes their place (the same
+dequantized weights, met by the tile unit); for very many rows the modules dequantize into a bf16
+buffer for torch's bf16 GEMM. The GEMVs write fp32 or, for a module's bias-free decode step, bf16 directly
 (the same rounding as `.to(torch.bfloat16)`, one op less per linear).
 
 The library is compiled at first use with the system C compiler (`cc -O3 -march=native -fopenmp`,
@@ -43,6 +44,7 @@ log = logging.getLogger("grace")
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _TRIED = False
+_AMX = False
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 # the dequantize-then-GEMM path dequantizes at most this many weights at a time into a buffer each thread
 # reuses (32 MB): every 2B decoder linear in one piece. Dequantizing costs ~6 % of the many-row GEMM that
@@ -80,6 +82,7 @@ _SIGNATURES = {
     "grace_gemv_bf16": [_P, _P, _P, _I, _I, _I, _T, _T], "grace_gemv_bf16_many": [_P, _P, _P, _P, _T, _I, _T, _T],
     "grace_gemv_int8": _GEMV, "grace_gemv_int4": _GEMV, "grace_gemv_int8_many": _MANY, "grace_gemv_int4_many": _MANY,
     "grace_tile_gemm_int8": _GEMV, "grace_pair_gemm_int8": _GEMV, "grace_pair_gemm_int4": _GEMV,
+    "grace_amx_gemm_int8": _GEMV, "grace_amx_gemm_int4": _GEMV,
     "grace_dequant_int8": _DEQUANT, "grace_dequant_int4": _DEQUANT,
     "grace_attention_decode": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _F, _T],
     "grace_rms_norm": [_P, _P, _P, _I, _I, _F],
@@ -108,8 +111,12 @@ def _build() -> ctypes.CDLL | None:
                 src = Path(tmp) / "grace_kernels.c"
                 src.write_text(SOURCE)
                 built = Path(tmp) / "grace_kernels.so"
-                subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(built)],
-                               check=True, capture_output=True, timeout=300)
+                command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(built)]
+                try:
+                    subprocess.run(command, check=True, capture_output=True, timeout=300)
+                except subprocess.CalledProcessError:
+                    # an older compiler or assembler without AMX: everything else still builds
+                    subprocess.run(command + ["-DGRACE_NO_AMX"], check=True, capture_output=True, timeout=300)
                 partial = target.with_suffix(f".{os.getpid()}.tmp")
                 shutil.copyfile(built, partial)
                 os.replace(partial, target)          # atomic: concurrent builders never see a half-written file
@@ -123,9 +130,14 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 18:
+    if lib.grace_kernels_version() != 19:
         return None
+    global _AMX
+    _AMX = (os.environ.get("GRACE_AMX", "1") != "0" and {"amx_tile", "amx_bf16"} <= flags
+            and lib.grace_amx_ready() == 1)
     for name, argtypes in _SIGNATURES.items():
+        if name.startswith("grace_amx_") and not hasattr(lib, name):
+            continue                                 # built with GRACE_NO_AMX: grace_amx_ready() said 0
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     return lib
@@ -144,6 +156,12 @@ def library() -> ctypes.CDLL | None:
 def available() -> bool:
     """True when the compiled kernels can run on this machine (built at the first call)."""
     return library() is not None
+
+
+def amx() -> bool:
+    """True when the many-row GEMMs run on the CPU's AMX tile unit (the CPU has it, Linux granted it, and
+    GRACE_AMX is not 0)."""
+    return available() and _AMX
 
 
 def worth_it(out_features: int, in_features: int) -> bool:
@@ -189,17 +207,34 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torc
 # - the pair GEMM above (grace_pair_gemm_*, up to the modules' KERNEL_MAX_ROWS): 32 output rows dequantized at a
 #   time into the dot product's pair layout and met by a 12 x 32 register-blocked kernel at the bf16 peak; at
 #   32-96 rows it leads the tile GEMM by 5-45 % and dequantize + oneDNN by 4-25 %.
-# Numerics: the GEMVs compute the exact group-wise product in fp32; the tile and pair GEMMs, like the dequantize
-# + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation). Every path gives a row the same
-# bits whatever other rows share the call.
+# Where the CPU has AMX (`amx()`), oneDNN's bf16 GEMM runs on it, 2-8x ahead of any AVX-512 GEMM from 8 rows on,
+# and so do ours: above AMX_INT4_GEMV_MAX_ROWS / AMX_INT8_GEMV_MAX_ROWS the AMX GEMM (grace_amx_gemm_*) takes every
+# row count (on a 2-core AMX guest: at 4 rows the INT8 GEMV is 0-11 % behind it, at 5 the INT4 GEMV 10-27 %).
+# Numerics: the GEMVs compute the exact group-wise product in fp32; the tile, pair and AMX GEMMs, like the
+# dequantize + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation). Every path gives a row
+# the same bits whatever other rows share the call.
 INT4_GEMV_MAX_ROWS = 16
 INT8_GEMV_MAX_ROWS = 7
 INT8_TILE_MAX_ROWS = 16
+AMX_INT4_GEMV_MAX_ROWS = 4
+AMX_INT8_GEMV_MAX_ROWS = 3
 
 
 def gemv_max_rows(kind: str) -> int:
     """Up to how many rows the GEMV of "int4" / "int8" weights runs (read at each call)."""
+    if _AMX if _TRIED else amx():
+        return AMX_INT4_GEMV_MAX_ROWS if kind == "int4" else AMX_INT8_GEMV_MAX_ROWS
     return INT4_GEMV_MAX_ROWS if kind == "int4" else INT8_GEMV_MAX_ROWS
+
+
+def gemm_path(kind: str, rows: int) -> str:
+    """The kernel that takes `rows` activation rows of "int4" / "int8" weights: "gemv", "tile_gemm", "pair_gemm"
+    or "amx_gemm"."""
+    if rows <= gemv_max_rows(kind):
+        return "gemv"
+    if _AMX:
+        return "amx_gemm"
+    return "tile_gemm" if kind == "int8" and rows <= INT8_TILE_MAX_ROWS else "pair_gemm"
 
 
 def _quantized_linear(kind: str, x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, group_size: int, n: int,
@@ -208,29 +243,24 @@ def _quantized_linear(kind: str, x: torch.Tensor, codes: torch.Tensor, params: t
     k = x.shape[-1]
     m = x.numel() // k
     y = _output(x, n, dtype)
-    if m <= gemv_max_rows(kind):
-        path = "gemv"
-    elif kind == "int8" and m <= INT8_TILE_MAX_ROWS:
-        path = "tile_gemm"
-    else:
-        path = "pair_gemm"
-    getattr(library(), f"grace_{path}_{kind}")(x.data_ptr(), codes.data_ptr(), params.data_ptr(), y.data_ptr(), m, n,
-                                               k, group_size, _threads(), dtype is torch.bfloat16)
+    getattr(library(), f"grace_{gemm_path(kind, m)}_{kind}")(x.data_ptr(), codes.data_ptr(), params.data_ptr(),
+                                                             y.data_ptr(), m, n, k, group_size, _threads(),
+                                                             dtype is torch.bfloat16)
     return y
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, n: int,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x @ W.T for the tiled int8 layout (quant/int8.py): qweight int8 [N/8, G, 8, gs], scales bf16 [N/8, G, 8],
-    W[n, k] = q * s; gs a multiple of 64. The GEMV, tile GEMM or pair GEMM by the number of rows (above)."""
+    W[n, k] = q * s; gs a multiple of 64. The GEMV or a GEMM by the number of rows (`gemm_path`)."""
     return _quantized_linear("int8", x, qweight, scales, group_size, n, dtype)
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                 n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x @ W.T for the tiled int4 layout (quant/int4.py): packed uint8 [N/8, K/128, 8, 64], scales_and_zeros
-    bf16 [N/8, G, 8, 2], W[n, k] = (c - 8) * s + z; group_size a multiple of 128. The GEMV or the pair GEMM by
-    the number of rows (above)."""
+    bf16 [N/8, G, 8, 2], W[n, k] = (c - 8) * s + z; group_size a multiple of 128. The GEMV or a GEMM by the number
+    of rows (`gemm_path`)."""
     return _quantized_linear("int4", x, packed, scales_and_zeros, group_size, n, dtype)
 
 

@@ -25,7 +25,7 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-int grace_kernels_version(void) { return 18; }
+int grace_kernels_version(void) { return 19; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define MANY_MAX 8           // weights per *_many call (kernels.MANY_MAX)
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
@@ -573,6 +573,140 @@ void grace_pair_gemm_int4(const uint16_t *x, const uint8_t *p, const uint16_t *s
                           int64_t K, int64_t gs, int nt, int yb) {
     PAIR_GEMM(int4_block_to_pairs, p, sz, 4)
 }
+
+// ---- many rows on AMX (Intel's tile unit, where the CPU has it and Linux grants it). Each thread dequantizes 32
+// output rows at a time, as the dequantizers round them, into a row-major bf16 block (L2): that block is the tile
+// unit's "A" operand as it stands (16 rows x 32 k a tile), so unlike the pair GEMM no transpose; x, packed once per
+// call into k-pairs (the "B" layout: [K/2][32 rows] per block of 32 rows), is the other operand, and each 32 x 32
+// block of sums comes out transposed (output row n, activation row m) and is transposed back in registers. Every
+// output is one fp32 sum over the k-pairs in order; no row depends on another. Measured on a 2-core AMX guest: the
+// AVX-512 pair GEMM ran at 1/8 of oneDNN's AMX bf16 GEMM at 256 rows, dequantize + oneDNN at 0.7-0.8x.
+// GRACE_NO_AMX compiles this out (a compiler or assembler without AMX; kernels.py retries with it).
+#ifndef GRACE_NO_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX __attribute__((target("amx-tile,amx-bf16")))
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
+
+// asks Linux for the tile state (once per process suffices; oneDNN asks the same); 1 when granted
+int grace_amx_ready(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
+
+// tiles 0-3: sums of weight rows 16a .. 16a+15 and x rows 16b .. 16b+15 in tile 2a + b; 4-5: weights; 6-7: x
+AMX static void amx_begin(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
+    _tile_loadconfig(&c);
+}
+AMX static void amx_end(void) { _tile_release(); }
+
+// c [32 weight rows][32 x rows] fp32 := wa (32 rows, stride ws elements) times 16 * halves rows of a packed x block
+AMX static void amx_block(const uint16_t *wa, int64_t ws, const uint32_t *xb, int64_t K, int halves, float *c) {
+    long wstride = (long)(ws * 2);
+    _tile_zero(0); _tile_zero(2);
+    if (halves == 2) {
+        _tile_zero(1); _tile_zero(3);
+        for (int64_t k = 0; k < K; k += 32) {
+            _tile_loadd(4, wa + k, wstride); _tile_loadd(5, wa + 16 * ws + k, wstride);
+            _tile_loadd(6, xb + k * 16, 128); _tile_loadd(7, xb + k * 16 + 16, 128);
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(1, c + 16, 128); _tile_stored(3, c + 528, 128);
+    } else {
+        for (int64_t k = 0; k < K; k += 32) {
+            _tile_loadd(4, wa + k, wstride); _tile_loadd(5, wa + 16 * ws + k, wstride);
+            _tile_loadd(6, xb + k * 16, 128);
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(2, 5, 6);
+        }
+    }
+    _tile_stored(0, c, 128); _tile_stored(2, c + 512, 128);
+}
+
+// 16 fp32 sums into y (fp32, or bf16 rounded as f_to_bf16: nearest even, NaN quiet), lanes in `keep` only
+static inline void put16(void *y, int yb, int64_t i, __m512 v, __mmask16 keep) {
+    if (!yb) { _mm512_mask_storeu_ps((float *)y + i, keep, v); return; }
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                  _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)))), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_mask_storeu_epi16((uint16_t *)y + i, keep, _mm512_cvtepi32_epi16(r));
+}
+
+// x rows 32 mb .. 32 mb + 31 (zero from M on) -> xb [K/2][32] k-pairs
+static void amx_pack_x(const uint16_t *x, uint32_t *xb, int64_t M, int64_t K, int64_t mb) {
+    const uint32_t *xr = (const uint32_t *)x;
+    int64_t P = K / 2;
+    for (int half = 0; half < 2; half++)
+        for (int64_t k = 0; k < P; k += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                int64_t m = mb * 32 + 16 * half + i;
+                r[i] = m < M ? _mm512_loadu_si512(xr + m * P + k) : _mm512_setzero_si512();
+            }
+            transpose16(r);
+            for (int q = 0; q < 16; q++) _mm512_store_si512(xb + (k + q) * 32 + 16 * half, r[q]);
+        }
+}
+
+// Each thread dequantizes WB = 32-128 output rows at a time (about 1 MB of bf16) and meets every 32-row block of x with
+// them, 32 rows at a time, while that block of x stays in L2: 32-row weight blocks re-read all of x from L3 for
+// every 32 output rows (K = 6144 at 256 rows: 0.85x oneDNN). A's rows are K + 32 elements apart: at K = 2048 the 16
+// rows of a tile 4 KB apart fell into one L1 set.
+#define AMX_GEMM(TILE_FN, W, S)                                                                                  \
+    int64_t MB = (M + 31) / 32, P = K / 2, ws = K + 32;                                                     \
+    int64_t WB = (1 << 20) / (K * 2) / 32 * 32;                                                             \
+    WB = WB < 32 ? 32 : WB > 128 ? 128 : WB;                                                                \
+    uint32_t *xb = (uint32_t *)aligned_alloc(64, (size_t)(MB * P * 32 * 4));                                \
+    _Pragma("omp parallel num_threads(nt)")                                                                 \
+    {                                                                                                       \
+        _Pragma("omp for schedule(static)")                                                                 \
+        for (int64_t mb = 0; mb < MB; mb++) amx_pack_x(x, xb + mb * P * 32, M, K, mb);                     \
+        uint16_t *wa = (uint16_t *)aligned_alloc(64, (size_t)(WB * ws * 2));                                \
+        float *c = (float *)aligned_alloc(64, 32 * 32 * 4);                                                 \
+        memset(wa, 0, (size_t)(WB * ws * 2));                                                               \
+        amx_begin();                                                                                        \
+        _Pragma("omp for schedule(static)")                                                                 \
+        for (int64_t nb = 0; nb < (N + WB - 1) / WB; nb++) {                                                \
+            int64_t nw = N - nb * WB < WB ? N - nb * WB : WB;                                               \
+            for (int64_t b = nb * WB / 8; b < (nb * WB + nw) / 8; b++) TILE_FN(W, S, wa, ws, K, gs, b, nb * WB, nw, 0); \
+            for (int64_t mb = 0; mb < MB; mb++)                                                             \
+                for (int64_t sub = 0; sub * 32 < nw; sub++) {                                               \
+                    int64_t m0 = mb * 32, rows = M - m0 < 32 ? M - m0 : 32;                                 \
+                    int64_t n0 = nb * WB + sub * 32, cols = nw - sub * 32 < 32 ? nw - sub * 32 : 32;          \
+                    __mmask16 keep[2] = {cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1),               \
+                                         cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1)}; \
+                    amx_block(wa + sub * 32 * ws, ws, xb + mb * P * 32, K, rows > 16 ? 2 : 1, c);            \
+                    for (int a = 0; a < 2; a++) {                                                           \
+                        if (!keep[a]) continue;                                                             \
+                        for (int bh = 0; bh * 16 < rows; bh++) {                                            \
+                            __m512i r[16];                                                                  \
+                            for (int j = 0; j < 16; j++) r[j] = _mm512_load_si512(c + (16 * a + j) * 32 + 16 * bh); \
+                            transpose16(r);                                                                 \
+                            for (int i = 0; i < 16 && 16 * bh + i < rows; i++)                              \
+                                put16(y, yb, (m0 + 16 * bh + i) * N + n0 + 16 * a, _mm512_castsi512_ps(r[i]), keep[a]); \
+                        }                                                                                   \
+                    }                                                                                       \
+                }                                                                                           \
+        }                                                                                                   \
+        amx_end();                                                                                          \
+        free(c);                                                                                            \
+        free(wa);                                                                                           \
+    }                                                                                                       \
+    free(xb);
+
+void grace_amx_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N,
+                         int64_t K, int64_t gs, int nt, int yb) {
+    AMX_GEMM(int8_tile_to_bf16, q, s)
+}
+void grace_amx_gemm_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N,
+                         int64_t K, int64_t gs, int nt, int yb) {
+    AMX_GEMM(int4_tile_to_bf16, p, sz)
+}
+#else
+int grace_amx_ready(void) { return 0; }
+#endif
 
 // ---- attention for one query token per head (a decode step), grouped-query heads sharing a key/value head:
 // q [B, Hq, D] bf16, k / v [B, Hkv, L, D] bf16 with any batch / head / position strides (a cache that grows in

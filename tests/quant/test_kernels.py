@@ -21,6 +21,7 @@ except ImportError:                      # tests/ collected without packages (ro
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="grace's CPU kernels need x86-64 AVX-512 BF16 and cc")
+needs_amx = pytest.mark.skipif(not kernels.amx(), reason="the AMX GEMM needs a CPU with AMX (and Linux granting it)")
 # (in, out, group): several 8-row tiles and groups, a group of 256, a single tile
 SHAPES = [(256, 64, 128), (384, 72, 128), (512, 40, 256), (256, 8, 128)]
 
@@ -36,6 +37,7 @@ def kernels_on_small_weights(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows, monkeypatch):
     """Before the output's bf16 rounding the GEMVs are the group-wise formula in fp32 (error ~1e-6, not ~1e-3)."""
+    monkeypatch.setattr(kernels, "_AMX", False)                        # the AVX-512 row limits, patched:
     monkeypatch.setattr(kernels, "INT4_GEMV_MAX_ROWS", 64)             # the GEMVs at every row count here
     monkeypatch.setattr(kernels, "INT8_GEMV_MAX_ROWS", 64)
     x = torch.randn(rows, in_f).to(torch.bfloat16)
@@ -50,17 +52,20 @@ def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows, monk
 
 
 @needs_kernels
-@pytest.mark.parametrize("in_f,out_f,group", SHAPES + [(256, 48, 128), (256, 56, 128)])
-@pytest.mark.parametrize("rows", list(range(1, 14)) + [17, 40])
-@pytest.mark.parametrize("int8_tile_max", [16, 0])                        # INT8: the tile GEMM, or the pair GEMM
-def test_many_row_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, rows, int8_tile_max, monkeypatch):
-    """The tile and pair GEMMs dequantize each weight as dequantize() does and accumulate in fp32: before the
-    output's rounding they are x @ dequantize().T to ~1e-7 (the GEMVs' exact group-wise product differs by ~1e-3).
-    The shapes give the pair GEMM partial 32-row blocks of 8, 16 and 24 rows (40 / 72, 48, 56 outputs) and the
-    rows every row-block size 1-12 (13, 17 and 40 rows: a full block and a rest)."""
-    monkeypatch.setattr(kernels, "INT4_GEMV_MAX_ROWS", 0)
-    monkeypatch.setattr(kernels, "INT8_GEMV_MAX_ROWS", 0)
-    monkeypatch.setattr(kernels, "INT8_TILE_MAX_ROWS", int8_tile_max)
+@pytest.mark.parametrize("in_f,out_f,group", SHAPES + [(256, 48, 128), (256, 56, 128), (2048, 136, 128)])
+@pytest.mark.parametrize("rows", list(range(1, 14)) + [17, 33, 40])
+@pytest.mark.parametrize("gemm", ["tile_gemm", "pair_gemm", pytest.param("amx_gemm", marks=needs_amx)])
+def test_many_row_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, rows, gemm, monkeypatch):
+    """The tile, pair and AMX GEMMs dequantize each weight as dequantize() does and accumulate in fp32: before
+    the output's rounding they are x @ dequantize().T to ~1e-7 (the GEMVs' exact group-wise product differs by
+    ~1e-3). The shapes give the pair and AMX GEMMs partial 32-row blocks of 8, 16 and 24 rows (40 / 72, 48, 56
+    outputs), the AMX GEMM's 128-row weight blocks a partial one (136 outputs at K = 2048) and the rows every
+    row-block size 1-12 (13, 17, 33 and 40 rows: full blocks and a rest). INT4 has no tile GEMM (the pair GEMM)."""
+    monkeypatch.setattr(kernels, "_AMX", gemm == "amx_gemm")
+    for name in ("INT4_GEMV_MAX_ROWS", "INT8_GEMV_MAX_ROWS", "AMX_INT4_GEMV_MAX_ROWS", "AMX_INT8_GEMV_MAX_ROWS"):
+        monkeypatch.setattr(kernels, name, 0)
+    monkeypatch.setattr(kernels, "INT8_TILE_MAX_ROWS", 64 if gemm == "tile_gemm" else 0)
+    assert kernels.gemm_path("int8", rows) == gemm
     x = torch.randn(rows, in_f).to(torch.bfloat16)
     m8, m4 = int8_module(in_f, out_f, group), int4_module(in_f, out_f, group)
     y8 = kernels.linear_int8(x, m8.qweight, m8.scales, group, out_f)
@@ -71,15 +76,14 @@ def test_many_row_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, ro
     for y, run in ((y4, lambda: kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group, out_f, torch.bfloat16)),
                    (y8, lambda: kernels.linear_int8(x, m8.qweight, m8.scales, group, out_f, torch.bfloat16))):
         assert torch.equal(run(), y.to(torch.bfloat16))
-    # within one kernel a row's bits do not depend on its neighbours (one row takes the same kernel here unless
-    # the INT8 rows crossed from the tile GEMM to the pair GEMM)
+    # within one kernel a row's bits do not depend on its neighbours
     assert torch.equal(kernels.linear_int4(x[-1:], m4.weight_packed, m4.scales_and_zeros, group, out_f), y4[-1:])
-    if rows <= int8_tile_max or int8_tile_max == 0:
-        assert torch.equal(kernels.linear_int8(x[-1:], m8.qweight, m8.scales, group, out_f), y8[-1:])
+    assert torch.equal(kernels.linear_int8(x[-1:], m8.qweight, m8.scales, group, out_f), y8[-1:])
 
 
 @needs_kernels
 def test_the_row_thresholds_pick_the_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "_AMX", False)                  # the AVX-512 kernels (the AMX ones: below)
     lib = kernels.library()
     calls = []
     names = ["grace_gemv_int4", "grace_pair_gemm_int4", "grace_gemv_int8", "grace_tile_gemm_int8", "grace_pair_gemm_int8"]
@@ -94,6 +98,23 @@ def test_the_row_thresholds_pick_the_kernel(monkeypatch):
         kernels.linear_int8(torch.randn(rows, 256).to(torch.bfloat16), m8.qweight, m8.scales, 128, 64)
     assert calls == ["grace_gemv_int4", "grace_pair_gemm_int4", "grace_gemv_int8", "grace_tile_gemm_int8",
                      "grace_tile_gemm_int8", "grace_pair_gemm_int8"]
+
+
+@needs_amx
+def test_on_amx_the_amx_gemm_takes_every_row_count_above_the_gemvs(monkeypatch):
+    lib = kernels.library()
+    calls = []
+    for name in ["grace_gemv_int4", "grace_amx_gemm_int4", "grace_gemv_int8", "grace_amx_gemm_int8"]:
+        real = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    m8, m4 = int8_module(256, 64, 128), int4_module(256, 64, 128)
+    limit4, limit8 = kernels.gemv_max_rows("int4"), kernels.gemv_max_rows("int8")
+    assert (limit4, limit8) == (kernels.AMX_INT4_GEMV_MAX_ROWS, kernels.AMX_INT8_GEMV_MAX_ROWS)
+    for rows in (limit4, limit4 + 1, 300):
+        kernels.linear_int4(torch.randn(rows, 256).to(torch.bfloat16), m4.weight_packed, m4.scales_and_zeros, 128, 64)
+    for rows in (limit8, limit8 + 1, 16, 300):
+        kernels.linear_int8(torch.randn(rows, 256).to(torch.bfloat16), m8.qweight, m8.scales, 128, 64)
+    assert calls == ["grace_gemv_int4"] + ["grace_amx_gemm_int4"] * 2 + ["grace_gemv_int8"] + ["grace_amx_gemm_int8"] * 3
 
 
 @needs_kernels
@@ -219,6 +240,27 @@ def test_fallback_when_the_compiler_fails(tmp_path):
 
 
 @needs_kernels
+def test_without_amx_everything_else_still_builds_and_runs(tmp_path):
+    """A compiler that cannot build the AMX GEMM (here: one that fails unless told GRACE_NO_AMX) still gives the
+    other kernels, and GRACE_AMX=0 turns the AMX path off; either way the many-row GEMM is the pair GEMM."""
+    cc = tmp_path / "cc-without-amx"
+    cc.write_text('#!/bin/sh\ncase "$*" in *GRACE_NO_AMX*) exec cc "$@";; esac\nexit 1\n')
+    cc.chmod(0o755)
+    code = ("from grace.quant import kernels; assert kernels.available() and not kernels.amx(); "
+            "print(kernels.gemm_path('int4', 100), kernels.library().grace_amx_ready())")
+    for i, env in enumerate(({"CC": str(cc)}, {"GRACE_AMX": "0"})):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                             env={**os.environ, "GRACE_KERNEL_CACHE": str(tmp_path / f"cache{i}"), "PYTHONPATH": str(ROOT),
+                                  **env})
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split()[0] == "pair_gemm"
+    assert run.stdout.split()[1] == ("1" if kernels.amx() else run.stdout.split()[1])   # GRACE_AMX=0: still granted
+    assert "0" == subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                                 env={**os.environ, "GRACE_KERNEL_CACHE": str(tmp_path / "cache0"),
+                                      "PYTHONPATH": str(ROOT), "CC": str(cc)}).stdout.split()[1]
+
+
+@needs_kernels
 def test_bf16_gemv_rows_do_not_depend_on_the_row_count():
     """The 4x4-block reduction sums in the same order as the one-row path: batched rows get single-row bits."""
     torch.manual_seed(0)
@@ -247,10 +289,12 @@ def test_quantized_gemv_rows_do_not_depend_on_the_row_count(group):
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_quantized_model_prefills_on_the_pair_gemm_like_its_dequantized_twin(bits, monkeypatch):
+@pytest.mark.parametrize("gemm", ["pair_gemm", pytest.param("amx_gemm", marks=needs_amx)])
+def test_a_quantized_model_prefills_on_the_many_row_gemm_like_its_dequantized_twin(bits, gemm, monkeypatch):
     """A 40-token prefill of a (small, kernel-shaped) quantized Llama runs every decoder linear through the pair
-    GEMM, and its logits are those of the same model with each linear replaced by nn.Linear(dequantize())
-    (torch's bf16 GEMM on the same bf16 weights) up to bf16 rounding of the activations."""
+    GEMM (or, on AMX, the AMX GEMM), and its logits are those of the same model with each linear replaced by
+    nn.Linear(dequantize()) (torch's bf16 GEMM on the same bf16 weights) up to bf16 rounding of the activations."""
+    monkeypatch.setattr(kernels, "_AMX", gemm == "amx_gemm")
     from torch import nn
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -273,13 +317,15 @@ def test_a_quantized_model_prefills_on_the_pair_gemm_like_its_dequantized_twin(b
         linear.weight.data.copy_(m.dequantize())
         replace_module(twin, name, linear)
     lib, kind, calls = kernels.library(), f"int{bits}", []
-    real = getattr(lib, f"grace_pair_gemm_{kind}")
-    monkeypatch.setattr(lib, f"grace_pair_gemm_{kind}", lambda *a: calls.append(1) or real(*a))
+    assert kernels.gemm_path(kind, 40) == gemm
+    real = getattr(lib, f"grace_{gemm}_{kind}")
+    monkeypatch.setattr(lib, f"grace_{gemm}_{kind}", lambda *a: calls.append(1) or real(*a))
     ids = torch.randint(1, 300, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         got, want = model(ids).logits.float(), twin(ids).logits.float()
     assert len(calls) == 14
-    # measured: cosine 1.000000 and the largest difference < 1e-4 of the largest logit (a 1 % noise on the twin's
-    # weights gives 0.99975 and 2.5 %)
+    # measured: cosine 1.000000 and the largest difference < 1e-4 of the largest logit where the twin's GEMM ran on
+    # AVX-512 (AMD), one bf16 step of it (2^-8 - 2^-7) where it ran on AMX (Intel), whose sums round differently;
+    # a 1 % noise on the twin's weights gives 0.99975 and 2.5 %
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99995
-    assert (got - want).abs().max() < 0.003 * want.abs().max()
+    assert (got - want).abs().max() < 2 ** -7 * want.abs().max()
