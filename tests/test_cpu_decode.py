@@ -14,6 +14,7 @@ from grace.quant import kernels
 from grace.tiny import tiny_qwen3vl
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="grace's CPU kernels need x86-64 AVX-512 BF16 and cc")
+needs_amx = pytest.mark.skipif(not kernels.amx(), reason="needs a CPU with AMX (and Linux granting it)")
 
 
 def _attention_fp64(q, k, v, scale):
@@ -404,10 +405,9 @@ def _projections(kind, shapes, seed=0):
 @needs_kernels
 @pytest.mark.parametrize("kind,rows", [("int4", 1), ("int4", 3), ("int4", "most"), ("int8", 1), ("int8", 2),
                                        ("int8", "most"), ("bf16", 1)])
-@pytest.mark.parametrize("limits", ["avx512", "this machine's"])        # the GEMVs' row limits (AMX: fewer rows)
+@pytest.mark.parametrize("limits", ["avx512", pytest.param("amx", marks=needs_amx)])   # the GEMVs' row limits
 def test_project_many_is_each_projection_bit_for_bit(monkeypatch, kind, rows, limits):
-    if limits == "avx512":
-        monkeypatch.setattr(kernels, "_AMX", False)
+    monkeypatch.setattr(kernels, "_AMX", limits == "amx")
     rows = kernels.gemv_max_rows(kind) if rows == "most" else rows
     mods = _projections(kind, [(1024, 1024), (1024, 1024 + 256), (1024, 2048)])
     x = torch.randn(1, rows, 1024).to(torch.bfloat16)
@@ -463,8 +463,8 @@ def test_use_cpu_decode_swaps_the_text_mlps():
 @pytest.mark.parametrize("kind", ["bf16", "int4"])
 @pytest.mark.parametrize("rows", [1, 9, 17])
 def test_fused_mlp_is_transformers_mlp_bit_for_bit(monkeypatch, kind, rows):
-    """Large enough for grace's kernels: gate and up in one call for a decode row (INT4: up to 16 rows, the
-    GEMV's limit), the modules' own path for more."""
+    """Large enough for grace's kernels: gate and up in one call for a decode row (INT4: up to the GEMV's row
+    limit, 16 rows, 4 on AMX), the modules' own path for more."""
     import grace
     from transformers import Qwen3VLTextConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextMLP

@@ -17,13 +17,14 @@ from . import kernels
 
 # up to this many rows grace's bf16 GEMV beats oneDNN's GEMM (bench/linear_kernels.py: crossovers in the quiet rows of the sweep)
 KERNEL_MAX_ROWS = 16
-# ... where oneDNN runs on AMX (a 2-core AMX guest: the GEMV 2-10 % ahead at 5 rows, 0-9 % behind at 6)
+# ... where oneDNN runs on AMX (a 2-core AMX guest, a scratch run of the kernels with cold weights, not in bench/: the
+# GEMV 2-10 % ahead at 5 rows, 0-9 % behind at 6; linear_kernels_amx.json: ahead at 4, behind at 8)
 AMX_KERNEL_MAX_ROWS = 5
 
 
 def kernel_max_rows() -> int:
     """Up to how many rows FastBF16Linear takes grace's GEMV on this machine (read at each call)."""
-    return AMX_KERNEL_MAX_ROWS if kernels.amx() else KERNEL_MAX_ROWS
+    return AMX_KERNEL_MAX_ROWS if (kernels._AMX if kernels._TRIED else kernels.amx()) else KERNEL_MAX_ROWS
 
 
 class FastBF16Linear(nn.Linear):

@@ -11,7 +11,8 @@ Storage follows the device and dtype (`layout_for`): on CUDA the layout of `_con
 (run by `_weight_int4pack_mm`); on CPU, for bf16 modules where grace's own kernels run (quant/kernels.py),
 "tiled": codes [out/8, in/128, 8, 64 bytes] (two per byte, low nibble = even column) and scales/zeros
 [out/8, in/group, 8, 2], so the weights of 8 output rows are one contiguous stream (a GEMV for a few rows, a
-pair GEMM for more, dequantize + bf16 GEMM above `KERNEL_MAX_ROWS`: quant/kernels.py); otherwise on CPU the layout of
+pair GEMM for more, or the AMX GEMM on a CPU with AMX, dequantize + bf16 GEMM above `KERNEL_MAX_ROWS`:
+quant/kernels.py); otherwise on CPU the layout of
 `_convert_weight_to_int4pack_for_cpu` (run by `_weight_int4pack_mm_for_cpu`); shapes no kernel takes keep
 the "plain" layout (codes [out, in/2], scales/zeros [in/group, out, 2]) and run through `dequantize()`,
 which is also the reference every kernel is tested against. All hold half a byte per weight.
@@ -37,7 +38,9 @@ FP32_KERNEL_MAX_ROWS = 4
 # up to this many rows grace's kernels (kernels.py: the GEMV, then the pair GEMM) beat dequantize + the bf16 GEMM
 # (2B shapes, cold weights, bench/linear_kernels.py at d60b679: at 256 rows the pair GEMM is 5-8 % ahead on three
 # of four shapes and level (1 % behind) on the fourth, for INT4 6144->2048 and INT8 2048->1024; earlier runs:
-# level at 512 rows and 1-10 % behind at 1024, where oneDNN's blocking amortizes the dequantizing better)
+# level at 512 rows and 1-10 % behind at 1024, where oneDNN's blocking amortizes the dequantizing better). On AMX
+# (linear_kernels_amx.json at 529a067) the AMX GEMM leads dequantize + oneDNN by 15-39 % at 256 rows; at 1024 rows
+# (a scratch run, not in bench/) it was 0.81-0.99x the bf16 GEMM alone; the same limit until a run says otherwise
 KERNEL_MAX_ROWS = 256
 def _nibbles_to_codes(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [n, k/2] (low nibble = even column) -> uint8 [n, k]."""

@@ -8,8 +8,9 @@ Two storage layouts, chosen for the device and dtype the tensors live on:
   scales [out/8, in/group, 8], so the weights of 8 output rows are one contiguous stream. For a few rows a
   GEMV reads each byte once and applies each group's scale in fp32; for more, up to `KERNEL_MAX_ROWS`, a
   tile GEMM (each 8-row tile dequantized once into L1) and then a pair GEMM (32 rows at a time dequantized
-  into the bf16 dot product's layout, at its peak) meet every row with them; above, a dequantize
-  (bit-identical to `dequantize()`) into a reused bf16 buffer and the bf16 GEMM.
+  into the bf16 dot product's layout, at its peak) meet every row with them, or on a CPU with AMX the AMX
+  GEMM (the same dequantized weights, met by the tile unit); above, a dequantize (bit-identical to
+  `dequantize()`) into a reused bf16 buffer and the bf16 GEMM.
 - "groups" (anywhere else): codes [in/group, out, group], scales [in/group, out], so each group is a
   contiguous [out, group] matrix: torch's `_weight_int8pack_mm` (a per-row-scale int8 GEMV) runs once per
   group with the partial sums accumulated in fp32, up to `TORCH_LOOP_MAX_ROWS` (`FP32_KERNEL_MAX_ROWS` for
@@ -28,7 +29,9 @@ from . import kernels
 # up to this many rows grace's kernels (kernels.py: the GEMV, then the pair GEMM) beat dequantize + the bf16 GEMM
 # (2B shapes, cold weights, bench/linear_kernels.py at d60b679: at 256 rows the pair GEMM is 5-8 % ahead on three
 # of four shapes and level (1 % behind) on the fourth, for INT4 6144->2048 and INT8 2048->1024; earlier runs:
-# level at 512 rows and 1-10 % behind at 1024, where oneDNN's blocking amortizes the dequantizing better)
+# level at 512 rows and 1-10 % behind at 1024, where oneDNN's blocking amortizes the dequantizing better). On AMX
+# (linear_kernels_amx.json at 529a067) the AMX GEMM leads dequantize + oneDNN by 15-39 % at 256 rows; at 1024 rows
+# (a scratch run, not in bench/) it was 0.81-0.99x the bf16 GEMM alone; the same limit until a run says otherwise
 KERNEL_MAX_ROWS = 256
 # without grace's kernels: up to this many rows the per-group torch int8 loop beats dequantize + matmul
 # (bench/linear_kernels.py: with bf16 activations up to 16 rows on every 2B shape, with fp32 up to 2-8)

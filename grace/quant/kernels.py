@@ -104,6 +104,12 @@ def _build() -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256("\n".join([SOURCE, compiler, " ".join(sorted(flags)), torch.__version__]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"grace_kernels_{key}.so"
+    without_amx = target.with_name(target.stem + "_no_amx.so")
+    says = log.warning if {"amx_tile", "amx_bf16"} <= flags else log.info      # only an AMX CPU loses by it
+    if not target.is_file() and without_amx.is_file():
+        says("grace: using the CPU kernels built without the AMX GEMM after a failed build; delete %s to "
+                    "try the full build again", without_amx)
+        target = without_amx
     if not target.is_file():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +120,13 @@ def _build() -> ctypes.CDLL | None:
                 command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(built)]
                 try:
                     subprocess.run(command, check=True, capture_output=True, timeout=300)
-                except subprocess.CalledProcessError:
-                    # an older compiler or assembler without AMX: everything else still builds
+                except subprocess.CalledProcessError as err:
+                    # an older compiler or assembler without AMX: everything else still builds. Cached under its
+                    # own name, and said at every load, so that a passing failure does not turn AMX off unseen
+                    says("grace: building the CPU kernels failed (%s); retrying without the AMX GEMM",
+                                (err.stderr or b"").decode(errors="replace")[:300])
                     subprocess.run(command + ["-DGRACE_NO_AMX"], check=True, capture_output=True, timeout=300)
+                    target = without_amx
                 partial = target.with_suffix(f".{os.getpid()}.tmp")
                 shutil.copyfile(built, partial)
                 os.replace(partial, target)          # atomic: concurrent builders never see a half-written file
@@ -207,9 +217,10 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torc
 # - the pair GEMM above (grace_pair_gemm_*, up to the modules' KERNEL_MAX_ROWS): 32 output rows dequantized at a
 #   time into the dot product's pair layout and met by a 12 x 32 register-blocked kernel at the bf16 peak; at
 #   32-96 rows it leads the tile GEMM by 5-45 % and dequantize + oneDNN by 4-25 %.
-# Where the CPU has AMX (`amx()`), oneDNN's bf16 GEMM runs on it, 2-8x ahead of any AVX-512 GEMM from 8 rows on,
-# and so do ours: above AMX_INT4_GEMV_MAX_ROWS / AMX_INT8_GEMV_MAX_ROWS the AMX GEMM (grace_amx_gemm_*) takes every
-# row count (on a 2-core AMX guest: at 4 rows the INT8 GEMV is 0-11 % behind it, at 5 the INT4 GEMV 10-27 %).
+# Where the CPU has AMX (`amx()`), oneDNN's bf16 GEMM runs on it, 1.8-8x ahead of our AVX-512 GEMMs from 16 rows on
+# (bench/results/linear_kernels_amx_v18.json), and so do ours: above AMX_INT4_GEMV_MAX_ROWS / AMX_INT8_GEMV_MAX_ROWS
+# the AMX GEMM (grace_amx_gemm_*) takes every row count (a 2-core AMX guest, the kernels alone with cold weights in a
+# scratch run, not in bench/: at 4 rows the INT8 GEMV 0-11 % behind the AMX GEMM, at 5 the INT4 GEMV 10-27 %).
 # Numerics: the GEMVs compute the exact group-wise product in fp32; the tile, pair and AMX GEMMs, like the
 # dequantize + GEMM path above them, meet dequantize()'s bf16 weights (fp32 accumulation). Every path gives a row
 # the same bits whatever other rows share the call.

@@ -650,14 +650,18 @@ static void amx_pack_x(const uint16_t *x, uint32_t *xb, int64_t M, int64_t K, in
         }
 }
 
-// Each thread dequantizes WB = 32-128 output rows at a time (about 1 MB of bf16) and meets every 32-row block of x with
+// Each thread dequantizes WB = 32-128 output rows at a time (about 1 MB of bf16; fewer where there would be fewer
+// blocks than threads) and meets every 32-row block of x with
 // them, 32 rows at a time, while that block of x stays in L2: 32-row weight blocks re-read all of x from L3 for
 // every 32 output rows (K = 6144 at 256 rows: 0.85x oneDNN). A's rows are K + 32 elements apart: at K = 2048 the 16
-// rows of a tile 4 KB apart fell into one L1 set.
+// rows of a tile 4 KB apart fell into one L1 set. Rows of a last, partial block beyond N hold whatever the buffer
+// held (the tile unit raises no floating-point exceptions); their sums are dropped.
 #define AMX_GEMM(TILE_FN, W, S)                                                                                  \
     int64_t MB = (M + 31) / 32, P = K / 2, ws = K + 32;                                                     \
-    int64_t WB = (1 << 20) / (K * 2) / 32 * 32;                                                             \
-    WB = WB < 32 ? 32 : WB > 128 ? 128 : WB;                                                                \
+    int64_t WB = (1 << 20) / (K * 2) / 32 * 32, per_thread = (N + nt - 1) / nt;                              \
+    WB = WB > 128 ? 128 : WB;                                                                               \
+    if (WB > per_thread) WB = (per_thread + 31) / 32 * 32;   /* at least a block per thread, on many cores */ \
+    if (WB < 32) WB = 32;                                                                                   \
     uint32_t *xb = (uint32_t *)aligned_alloc(64, (size_t)(MB * P * 32 * 4));                                \
     _Pragma("omp parallel num_threads(nt)")                                                                 \
     {                                                                                                       \
@@ -665,7 +669,6 @@ static void amx_pack_x(const uint16_t *x, uint32_t *xb, int64_t M, int64_t K, in
         for (int64_t mb = 0; mb < MB; mb++) amx_pack_x(x, xb + mb * P * 32, M, K, mb);                     \
         uint16_t *wa = (uint16_t *)aligned_alloc(64, (size_t)(WB * ws * 2));                                \
         float *c = (float *)aligned_alloc(64, 32 * 32 * 4);                                                 \
-        memset(wa, 0, (size_t)(WB * ws * 2));                                                               \
         amx_begin();                                                                                        \
         _Pragma("omp for schedule(static)")                                                                 \
         for (int64_t nb = 0; nb < (N + WB - 1) / WB; nb++) {                                                \

@@ -52,15 +52,17 @@ def test_gemvs_match_the_exact_group_wise_product(in_f, out_f, group, rows, monk
 
 
 @needs_kernels
-@pytest.mark.parametrize("in_f,out_f,group", SHAPES + [(256, 48, 128), (256, 56, 128), (2048, 136, 128)])
-@pytest.mark.parametrize("rows", list(range(1, 14)) + [17, 33, 40])
+@pytest.mark.parametrize("in_f,out_f,group", SHAPES + [(256, 48, 128), (256, 56, 128), (2048, 136, 128), (6144, 72, 128),
+                                                        (20480, 24, 128)])
+@pytest.mark.parametrize("rows", list(range(1, 14)) + [16, 17, 32, 33, 40, 50])
 @pytest.mark.parametrize("gemm", ["tile_gemm", "pair_gemm", pytest.param("amx_gemm", marks=needs_amx)])
 def test_many_row_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, rows, gemm, monkeypatch):
     """The tile, pair and AMX GEMMs dequantize each weight as dequantize() does and accumulate in fp32: before
     the output's rounding they are x @ dequantize().T to ~1e-7 (the GEMVs' exact group-wise product differs by
     ~1e-3). The shapes give the pair and AMX GEMMs partial 32-row blocks of 8, 16 and 24 rows (40 / 72, 48, 56
-    outputs), the AMX GEMM's 128-row weight blocks a partial one (136 outputs at K = 2048) and the rows every
-    row-block size 1-12 (13, 17, 33 and 40 rows: full blocks and a rest). INT4 has no tile GEMM (the pair GEMM)."""
+    outputs), the AMX GEMM's weight blocks of 128, 64 and 32 rows (K = 2048, 6144, 20480) a partial one, and the
+    rows every row-block size 1-12 and the AMX GEMM's half and whole 32-row blocks (13-50 rows: full blocks and a
+    rest). INT4 has no tile GEMM (the pair GEMM)."""
     monkeypatch.setattr(kernels, "_AMX", gemm == "amx_gemm")
     for name in ("INT4_GEMV_MAX_ROWS", "INT8_GEMV_MAX_ROWS", "AMX_INT4_GEMV_MAX_ROWS", "AMX_INT8_GEMV_MAX_ROWS"):
         monkeypatch.setattr(kernels, name, 0)
@@ -70,8 +72,9 @@ def test_many_row_gemms_meet_the_dequantized_bf16_weights(in_f, out_f, group, ro
     m8, m4 = int8_module(in_f, out_f, group), int4_module(in_f, out_f, group)
     y8 = kernels.linear_int8(x, m8.qweight, m8.scales, group, out_f)
     y4 = kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group, out_f)
-    assert rel(y8, x.double() @ m8.dequantize().double().t()) < 1e-6
-    assert rel(y4, x.double() @ m4.dequantize().double().t()) < 1e-6
+    tol = 1e-6 * max(1.0, (in_f / 2048) ** 0.5)                           # fp32 sums of in_f products, in order
+    assert rel(y8, x.double() @ m8.dequantize().double().t()) < tol
+    assert rel(y4, x.double() @ m4.dequantize().double().t()) < tol
     assert rel(y4, x.double() @ exact_group_weight(m4).t()) > 1e-5          # really the bf16 weights, not the exact ones
     for y, run in ((y4, lambda: kernels.linear_int4(x, m4.weight_packed, m4.scales_and_zeros, group, out_f, torch.bfloat16)),
                    (y8, lambda: kernels.linear_int8(x, m8.qweight, m8.scales, group, out_f, torch.bfloat16))):
@@ -242,22 +245,55 @@ def test_fallback_when_the_compiler_fails(tmp_path):
 @needs_kernels
 def test_without_amx_everything_else_still_builds_and_runs(tmp_path):
     """A compiler that cannot build the AMX GEMM (here: one that fails unless told GRACE_NO_AMX) still gives the
-    other kernels, and GRACE_AMX=0 turns the AMX path off; either way the many-row GEMM is the pair GEMM."""
+    other kernels, cached under their own name and reused (said at every load) until that file is deleted, when
+    the full build runs again; GRACE_AMX=0 turns the AMX path off. Without it the many-row GEMM is the pair GEMM."""
     cc = tmp_path / "cc-without-amx"
-    cc.write_text('#!/bin/sh\ncase "$*" in *GRACE_NO_AMX*) exec cc "$@";; esac\nexit 1\n')
+    cc.write_text('#!/bin/sh\ncase "$*" in *GRACE_NO_AMX*) exec cc "$@";; esac\n'
+                  '[ -n "$CC_WORKS" ] && exec cc "$@"\nexit 1\n')                 # (its path is in the cache key)
     cc.chmod(0o755)
-    code = ("from grace.quant import kernels; assert kernels.available() and not kernels.amx(); "
-            "print(kernels.gemm_path('int4', 100), kernels.library().grace_amx_ready())")
-    for i, env in enumerate(({"CC": str(cc)}, {"GRACE_AMX": "0"})):
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                             env={**os.environ, "GRACE_KERNEL_CACHE": str(tmp_path / f"cache{i}"), "PYTHONPATH": str(ROOT),
-                                  **env})
-        assert run.returncode == 0, run.stderr
-        assert run.stdout.split()[0] == "pair_gemm"
-    assert run.stdout.split()[1] == ("1" if kernels.amx() else run.stdout.split()[1])   # GRACE_AMX=0: still granted
-    assert "0" == subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                                 env={**os.environ, "GRACE_KERNEL_CACHE": str(tmp_path / "cache0"),
-                                      "PYTHONPATH": str(ROOT), "CC": str(cc)}).stdout.split()[1]
+    cache = tmp_path / "cache"
+    code = ("import logging; logging.basicConfig(level=logging.INFO); from grace.quant import kernels; "
+            "assert kernels.available(); "
+            "print(kernels.amx(), kernels.gemm_path('int4', 100), kernels.library().grace_amx_ready())")
+
+    def run(**env):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env={**os.environ, "GRACE_KERNEL_CACHE": str(cache), "PYTHONPATH": str(ROOT), **env})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split(), done.stderr
+
+    granted = "1" if kernels.amx() else None
+    assert run(CC=str(cc))[0] == ["False", "pair_gemm", "0"]
+    assert [p.name.endswith("_no_amx.so") for p in cache.iterdir()] == [True]
+    out, err = run(CC=str(cc), CC_WORKS="1")                         # the compiler works now: the fallback stays...
+    assert out == ["False", "pair_gemm", "0"] and "delete" in err
+    next(cache.iterdir()).unlink()                                   # ... until it is deleted
+    out, _ = run(CC=str(cc), CC_WORKS="1")
+    assert out[0] == str(kernels.amx()) and sorted(p.name.endswith("_no_amx.so") for p in cache.iterdir()) == [False]
+    out, _ = run(GRACE_AMX="0")
+    assert out[:2] == ["False", "pair_gemm"]
+    if granted:
+        assert out[2] == granted                                     # the CPU could: the switch alone turned it off
+
+
+@needs_kernels
+@pytest.mark.parametrize("gemm", ["pair_gemm", pytest.param("amx_gemm", marks=needs_amx)])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_many_row_gemms_write_only_their_outputs(gemm, kind, monkeypatch):
+    """Called directly on an output with guard words around it: every output written, nothing outside."""
+    monkeypatch.setattr(kernels, "_AMX", gemm == "amx_gemm")
+    in_f, out_f, group, rows = 384, 40, 128, 19
+    module = (int8_module if kind == "int8" else int4_module)(in_f, out_f, group)
+    codes, params = (module.qweight, module.scales) if kind == "int8" else (module.weight_packed, module.scales_and_zeros)
+    x = torch.randn(rows, in_f).to(torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        buf = torch.full((rows * out_f + 64,), 12345.0).to(dtype)
+        y = buf[32:32 + rows * out_f]
+        getattr(kernels.library(), f"grace_{gemm}_{kind}")(x.data_ptr(), codes.data_ptr(), params.data_ptr(),
+                                                            y.data_ptr(), rows, out_f, in_f, group, 2, dtype is torch.bfloat16)
+        assert torch.all(buf[:32] == 12345.0) and torch.all(buf[-32:] == 12345.0)
+        want = x.double() @ module.dequantize().double().t()
+        assert rel(y.view(rows, out_f), want) < (1e-6 if dtype is torch.float32 else 4e-3)
 
 
 @needs_kernels
@@ -324,8 +360,9 @@ def test_a_quantized_model_prefills_on_the_many_row_gemm_like_its_dequantized_tw
     with torch.inference_mode():
         got, want = model(ids).logits.float(), twin(ids).logits.float()
     assert len(calls) == 14
-    # measured: cosine 1.000000 and the largest difference < 1e-4 of the largest logit where the twin's GEMM ran on
-    # AVX-512 (AMD), one bf16 step of it (2^-8 - 2^-7) where it ran on AMX (Intel), whose sums round differently;
-    # a 1 % noise on the twin's weights gives 0.99975 and 2.5 %
+    # measured: cosine 1.000000 and the largest difference < 1e-4 of the largest logit where the twin's GEMM (oneDNN)
+    # runs on AVX-512 (AMD), one bf16 step of it (2^-8 - 2^-7) where it runs on AMX (Intel), whose sums round
+    # differently; a 1 % noise on the twin's weights gives 0.99975 and 2.5 %
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99995
-    assert (got - want).abs().max() < 2 ** -7 * want.abs().max()
+    onednn_on_amx = {"amx_tile", "amx_bf16"} <= kernels._cpu_flags()
+    assert (got - want).abs().max() < (2 ** -7 if onednn_on_amx else 0.003) * want.abs().max()

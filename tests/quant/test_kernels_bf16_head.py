@@ -16,6 +16,7 @@ from grace.quant.int4 import Int4Linear
 from grace.quant.int8 import Int8Linear
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="grace's CPU kernels need x86-64 AVX-512 BF16 and cc")
+needs_amx = pytest.mark.skipif(not kernels.amx(), reason="needs a CPU with AMX (and Linux granting it)")
 
 
 
@@ -32,8 +33,13 @@ def bf16_linear(in_f=256, out_f=70, seed=0):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 3, qb.kernel_max_rows(), qb.kernel_max_rows() + 1, 40])
-def test_fast_bf16_linear_numerics_and_threshold(rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3, "limit", "limit + 1", 40])
+@pytest.mark.parametrize("limits", ["avx512", pytest.param("amx", marks=needs_amx)])    # the GEMV's row limit
+def test_fast_bf16_linear_numerics_and_threshold(rows, limits, monkeypatch):
+    monkeypatch.setattr(kernels, "_AMX", limits == "amx")
+    limit = qb.AMX_KERNEL_MAX_ROWS if limits == "amx" else qb.KERNEL_MAX_ROWS
+    assert qb.kernel_max_rows() == limit
+    rows = {"limit": limit, "limit + 1": limit + 1}.get(rows, rows)
     module = bf16_linear()
     assert type(module) is FastBF16Linear
     calls = []
@@ -44,7 +50,7 @@ def test_fast_bf16_linear_numerics_and_threshold(rows, monkeypatch):
         y = module(x)
     exact = x.double() @ module.weight.double().t() + module.bias.double()
     assert ((y.double() - exact).norm() / exact.norm()).item() < 4e-3
-    if rows <= qb.kernel_max_rows():
+    if rows <= limit:
         assert calls == [1]
         # one rounding of the fp32 sum: within half a bf16 ulp of the fp32 result, element-wise
         fp32 = (x.float() @ module.weight.float().t() + module.bias.float())
