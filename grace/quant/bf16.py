@@ -24,7 +24,7 @@ AMX_KERNEL_MAX_ROWS = 5
 
 def kernel_max_rows() -> int:
     """Up to how many rows FastBF16Linear takes grace's GEMV on this machine (read at each call)."""
-    return AMX_KERNEL_MAX_ROWS if (kernels._AMX if kernels._TRIED else kernels.amx()) else KERNEL_MAX_ROWS
+    return AMX_KERNEL_MAX_ROWS if kernels.amx() else KERNEL_MAX_ROWS
 
 
 class FastBF16Linear(nn.Linear):

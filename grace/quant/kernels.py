@@ -46,6 +46,7 @@ _LIB: ctypes.CDLL | None = None
 _TRIED = False
 _AMX = False
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+_AMX_FLAGS = {"amx_tile", "amx_bf16"}
 # the dequantize-then-GEMM path dequantizes at most this many weights at a time into a buffer each thread
 # reuses (32 MB): every 2B decoder linear in one piece. Dequantizing costs ~6 % of the many-row GEMM that
 # follows, while cutting the GEMM into pieces that stay in L3 (4 MB) cost it up to 17 % (down_proj at 256 rows:
@@ -105,7 +106,7 @@ def _build() -> ctypes.CDLL | None:
     key = hashlib.sha256("\n".join([SOURCE, compiler, " ".join(sorted(flags)), torch.__version__]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"grace_kernels_{key}.so"
     without_amx = target.with_name(target.stem + "_no_amx.so")
-    says = log.warning if {"amx_tile", "amx_bf16"} <= flags else log.info      # only an AMX CPU loses by it
+    says = log.warning if _AMX_FLAGS <= flags else log.info      # only an AMX CPU loses by it
     if not target.is_file() and without_amx.is_file():
         says("grace: using the CPU kernels built without the AMX GEMM after a failed build; delete %s to "
                     "try the full build again", without_amx)
@@ -143,8 +144,7 @@ def _build() -> ctypes.CDLL | None:
     if lib.grace_kernels_version() != 19:
         return None
     global _AMX
-    _AMX = (os.environ.get("GRACE_AMX", "1") != "0" and {"amx_tile", "amx_bf16"} <= flags
-            and lib.grace_amx_ready() == 1)
+    _AMX = os.environ.get("GRACE_AMX", "1") != "0" and _AMX_FLAGS <= flags and lib.grace_amx_ready() == 1
     for name, argtypes in _SIGNATURES.items():
         if name.startswith("grace_amx_") and not hasattr(lib, name):
             continue                                 # built with GRACE_NO_AMX: grace_amx_ready() said 0
@@ -170,8 +170,8 @@ def available() -> bool:
 
 def amx() -> bool:
     """True when the many-row GEMMs run on the CPU's AMX tile unit (the CPU has it, Linux granted it, and
-    GRACE_AMX is not 0)."""
-    return available() and _AMX
+    GRACE_AMX is not 0). Read on every call of the row limits: once the library was tried, only the flag."""
+    return _AMX if _TRIED else (available() and _AMX)
 
 
 def worth_it(out_features: int, in_features: int) -> bool:
@@ -233,7 +233,7 @@ AMX_INT8_GEMV_MAX_ROWS = 3
 
 def gemv_max_rows(kind: str) -> int:
     """Up to how many rows the GEMV of "int4" / "int8" weights runs (read at each call)."""
-    if _AMX if _TRIED else amx():
+    if amx():
         return AMX_INT4_GEMV_MAX_ROWS if kind == "int4" else AMX_INT8_GEMV_MAX_ROWS
     return INT4_GEMV_MAX_ROWS if kind == "int4" else INT8_GEMV_MAX_ROWS
 

@@ -525,17 +525,19 @@ ALWAYS void gemm_micro(const uint32_t *xb, const uint32_t *wv, int64_t K, void *
     }
 }
 
-// rows of x (P pairs each) -> [P][rows] (rows <= 16): 16 pairs of every row at a time, transposed in registers
-static inline void pack_x_block(const uint32_t *xr, uint32_t *o, int64_t P, int64_t rows) {
-    __mmask16 keep = (__mmask16)((1u << rows) - 1);
+// rows of x (P pairs each) -> [P][stride] (rows <= 16): 16 pairs of every row at a time, transposed in registers;
+// lanes rows .. min(stride, 16) - 1 of each k-pair are written as zeros (stride = rows: none)
+static inline void pack_x_block(const uint32_t *xr, uint32_t *o, int64_t P, int64_t rows, int64_t stride) {
+    int64_t lanes = stride < 16 ? stride : 16;
+    __mmask16 keep = (__mmask16)((1u << lanes) - 1);
     int64_t k = 0;
     for (; k + 16 <= P; k += 16) {
         __m512i r[16];
         for (int i = 0; i < 16; i++) r[i] = i < rows ? _mm512_loadu_si512(xr + i * P + k) : _mm512_setzero_si512();
         transpose16(r);
-        for (int q = 0; q < 16; q++) _mm512_mask_storeu_epi32(o + (k + q) * rows, keep, r[q]);
+        for (int q = 0; q < 16; q++) _mm512_mask_storeu_epi32(o + (k + q) * stride, keep, r[q]);
     }
-    for (; k < P; k++) for (int64_t i = 0; i < rows; i++) o[k * rows + i] = xr[i * P + k];
+    for (; k < P; k++) for (int64_t i = 0; i < lanes; i++) o[k * stride + i] = i < rows ? xr[i * P + k] : 0;
 }
 
 #define GEMM_CALL(T) gemm_micro(xb + m0 * P, wv, K, y, yb, N, m0, nb * 32, pf, m0 == 0 ? pf_lines : 0, T)
@@ -547,7 +549,7 @@ static inline void pack_x_block(const uint32_t *xr, uint32_t *o, int64_t P, int6
         _Pragma("omp for schedule(static)")                                                                 \
         for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {                                                        \
             int64_t mr = M - m0 < GEMM_MR ? M - m0 : GEMM_MR;                                               \
-            pack_x_block((const uint32_t *)(x + m0 * K), xb + m0 * P, P, mr);                               \
+            pack_x_block((const uint32_t *)(x + m0 * K), xb + m0 * P, P, mr, mr);                           \
         }                                                                                                   \
         uint32_t *wv = (uint32_t *)aligned_alloc(64, (size_t)(P * 32 * 4));                                 \
         _Pragma("omp for schedule(static)")                                                                 \
@@ -634,20 +636,19 @@ static inline void put16(void *y, int yb, int64_t i, __m512 v, __mmask16 keep) {
     _mm256_mask_storeu_epi16((uint16_t *)y + i, keep, _mm512_cvtepi32_epi16(r));
 }
 
-// x rows 32 mb .. 32 mb + 31 (zero from M on) -> xb [K/2][32] k-pairs
-static void amx_pack_x(const uint16_t *x, uint32_t *xb, int64_t M, int64_t K, int64_t mb) {
-    const uint32_t *xr = (const uint32_t *)x;
-    int64_t P = K / 2;
-    for (int half = 0; half < 2; half++)
-        for (int64_t k = 0; k < P; k += 16) {
+// y[m0 .. m0+rows-1, n0 .. n0+cols-1] from c [32 weight rows][32 x rows], transposed back 16 x 16 at a time
+static inline void amx_put_block(const float *c, void *y, int yb, int64_t N, int64_t m0, int64_t rows, int64_t n0,
+                                 int64_t cols) {
+    for (int a = 0; a * 16 < cols; a++) {
+        __mmask16 keep = cols - 16 * a >= 16 ? 0xffff : (__mmask16)((1u << (cols - 16 * a)) - 1);
+        for (int b = 0; b * 16 < rows; b++) {
             __m512i r[16];
-            for (int i = 0; i < 16; i++) {
-                int64_t m = mb * 32 + 16 * half + i;
-                r[i] = m < M ? _mm512_loadu_si512(xr + m * P + k) : _mm512_setzero_si512();
-            }
+            for (int j = 0; j < 16; j++) r[j] = _mm512_load_si512(c + (16 * a + j) * 32 + 16 * b);
             transpose16(r);
-            for (int q = 0; q < 16; q++) _mm512_store_si512(xb + (k + q) * 32 + 16 * half, r[q]);
+            for (int i = 0; i < 16 && 16 * b + i < rows; i++)
+                put16(y, yb, (m0 + 16 * b + i) * N + n0 + 16 * a, _mm512_castsi512_ps(r[i]), keep);
         }
+    }
 }
 
 // Each thread dequantizes WB = 32-128 output rows at a time (about 1 MB of bf16; fewer where there would be fewer
@@ -666,7 +667,12 @@ static void amx_pack_x(const uint16_t *x, uint32_t *xb, int64_t M, int64_t K, in
     _Pragma("omp parallel num_threads(nt)")                                                                 \
     {                                                                                                       \
         _Pragma("omp for schedule(static)")                                                                 \
-        for (int64_t mb = 0; mb < MB; mb++) amx_pack_x(x, xb + mb * P * 32, M, K, mb);                     \
+        for (int64_t mb = 0; mb < MB; mb++)                     /* x's 32-row blocks, both halves, zero from M on */ \
+            for (int64_t h = 0; h < 32; h += 16) {                                                          \
+                int64_t rows = M - mb * 32 - h;                                                             \
+                pack_x_block((const uint32_t *)(rows > 0 ? x + (mb * 32 + h) * K : x), xb + mb * P * 32 + h, P, \
+                             rows < 0 ? 0 : rows > 16 ? 16 : rows, 32);                                     \
+            }                                                                                               \
         uint16_t *wa = (uint16_t *)aligned_alloc(64, (size_t)(WB * ws * 2));                                \
         float *c = (float *)aligned_alloc(64, 32 * 32 * 4);                                                 \
         amx_begin();                                                                                        \
@@ -676,21 +682,10 @@ static void amx_pack_x(const uint16_t *x, uint32_t *xb, int64_t M, int64_t K, in
             for (int64_t b = nb * WB / 8; b < (nb * WB + nw) / 8; b++) TILE_FN(W, S, wa, ws, K, gs, b, nb * WB, nw, 0); \
             for (int64_t mb = 0; mb < MB; mb++)                                                             \
                 for (int64_t sub = 0; sub * 32 < nw; sub++) {                                               \
-                    int64_t m0 = mb * 32, rows = M - m0 < 32 ? M - m0 : 32;                                 \
-                    int64_t n0 = nb * WB + sub * 32, cols = nw - sub * 32 < 32 ? nw - sub * 32 : 32;          \
-                    __mmask16 keep[2] = {cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1),               \
-                                         cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1)}; \
+                    int64_t rows = M - mb * 32 < 32 ? M - mb * 32 : 32;                                     \
                     amx_block(wa + sub * 32 * ws, ws, xb + mb * P * 32, K, rows > 16 ? 2 : 1, c);            \
-                    for (int a = 0; a < 2; a++) {                                                           \
-                        if (!keep[a]) continue;                                                             \
-                        for (int bh = 0; bh * 16 < rows; bh++) {                                            \
-                            __m512i r[16];                                                                  \
-                            for (int j = 0; j < 16; j++) r[j] = _mm512_load_si512(c + (16 * a + j) * 32 + 16 * bh); \
-                            transpose16(r);                                                                 \
-                            for (int i = 0; i < 16 && 16 * bh + i < rows; i++)                              \
-                                put16(y, yb, (m0 + 16 * bh + i) * N + n0 + 16 * a, _mm512_castsi512_ps(r[i]), keep[a]); \
-                        }                                                                                   \
-                    }                                                                                       \
+                    amx_put_block(c, y, yb, N, mb * 32, rows, nb * WB + sub * 32,                            \
+                                  nw - sub * 32 < 32 ? nw - sub * 32 : 32);                                  \
                 }                                                                                           \
         }                                                                                                   \
         amx_end();                                                                                          \
