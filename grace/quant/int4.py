@@ -200,7 +200,7 @@ class Int4Linear(QuantizedLinear):
         elif self.layout == "cuda":
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed, gs, sz.to(torch.bfloat16))
         else:
-            y = F.linear(x2, self.dequantize())
+            y = kernels.bf16_linear(x2, self.dequantize())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)

@@ -4,7 +4,8 @@ of a few rows (used by grace/cpu_decode.py).
 
 At M = 1 torch's bf16 `F.linear` goes through oneDNN, which moves weights at well under half the
 machine's read bandwidth, and torch has no group-wise int8 kernel at all. The kernels here
-(kernels_src.py: AVX-512 with BF16 dot products, OpenMP on torch's own thread pool) read each weight
+(kernels_src.py: AVX-512 with BF16 dot products, or on CPUs without them AVX2 with fp32 FMAs, `isa()`; OpenMP on
+torch's own thread pool) read each weight
 byte once, accumulate in fp32 and apply the group scales exactly as the modules' `dequantize()`
 defines them. The quantized weights are held in tiles of 8 output rows that are one contiguous
 stream in memory (Int8Linear / Int4Linear layout "tiled"): read row by row, 8 rows were 8 streams
@@ -18,7 +19,7 @@ buffer for torch's bf16 GEMM. The GEMVs write fp32 or, for a module's bias-free 
 
 The library is compiled at first use with the system C compiler (`cc -O3 -march=native -fopenmp`,
 about a second) into ~/.cache/grace/kernels (GRACE_KERNEL_CACHE overrides), keyed by source and CPU.
-Without a compiler, on a CPU without AVX-512 BF16, or with GRACE_CPU_KERNELS=0, `available()` is
+Without a compiler, on a CPU with neither AVX-512 BF16 nor AVX2 + FMA, or with GRACE_CPU_KERNELS=0, `available()` is
 False and every module falls back to torch's kernels. No flag is flipped anywhere: the calls are
 plain functions, safe from any thread (ctypes releases the GIL while they run).
 """
@@ -45,7 +46,9 @@ _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _TRIED = False
 _AMX = False
-_NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+_ISA = ""
+# either branch of kernels_src.py: AVX-512 with BF16 dot products, or AVX2 with FMA (no tile / pair / AMX GEMM)
+_ISA_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512_bf16"}, "avx2": {"avx2", "fma"}}
 _AMX_FLAGS = {"amx_tile", "amx_bf16"}
 # the dequantize-then-GEMM path dequantizes at most this many weights at a time into a buffer each thread
 # reuses (32 MB): every 2B decoder linear in one piece. Dequantizing costs ~6 % of the many-row GEMM that
@@ -97,13 +100,16 @@ def _build() -> ctypes.CDLL | None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     flags = _cpu_flags()
-    if not all(f in flags for f in _NEEDED_FLAGS):
+    if not any(needed <= flags for needed in _ISA_FLAGS.values()):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         log.info("grace: no C compiler found; using torch's CPU kernels")
         return None
-    key = hashlib.sha256("\n".join([SOURCE, compiler, " ".join(sorted(flags)), torch.__version__]).encode()).hexdigest()[:16]
+    # GRACE_CPU_ISA=avx2 builds the AVX2 branch on an AVX-512 CPU too (to test it, or to compare the two)
+    isa_flags = ["-mno-avx512f"] if os.environ.get("GRACE_CPU_ISA") == "avx2" else []
+    key = hashlib.sha256("\n".join([SOURCE, compiler, " ".join(sorted(flags)), torch.__version__]
+                                    + isa_flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"grace_kernels_{key}.so"
     without_amx = target.with_name(target.stem + "_no_amx.so")
     says = log.warning if _AMX_FLAGS <= flags else log.info      # only an AMX CPU loses by it
@@ -118,7 +124,8 @@ def _build() -> ctypes.CDLL | None:
                 src = Path(tmp) / "grace_kernels.c"
                 src.write_text(SOURCE)
                 built = Path(tmp) / "grace_kernels.so"
-                command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(built)]
+                command = [compiler, "-O3", "-march=native", *isa_flags, "-fopenmp", "-shared", "-fPIC", str(src), "-o",
+                           str(built)]
                 try:
                     subprocess.run(command, check=True, capture_output=True, timeout=300)
                 except subprocess.CalledProcessError as err:
@@ -143,11 +150,12 @@ def _build() -> ctypes.CDLL | None:
         return None
     if lib.grace_kernels_version() != 19:
         return None
-    global _AMX
+    global _AMX, _ISA
+    _ISA = "avx512" if lib.grace_kernels_isa() == 512 else "avx2"
     _AMX = os.environ.get("GRACE_AMX", "1") != "0" and _AMX_FLAGS <= flags and lib.grace_amx_ready() == 1
     for name, argtypes in _SIGNATURES.items():
-        if name.startswith("grace_amx_") and not hasattr(lib, name):
-            continue                                 # built with GRACE_NO_AMX: grace_amx_ready() said 0
+        if not hasattr(lib, name):
+            continue                                 # the AVX2 build has no GEMMs, one with GRACE_NO_AMX no AMX GEMM
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     return lib
@@ -168,10 +176,39 @@ def available() -> bool:
     return library() is not None
 
 
+def isa() -> str:
+    """Which build runs: "avx512" (AVX-512 BF16: GEMVs, tile / pair / AMX GEMMs), "avx2" (AVX2 + FMA: the GEMVs,
+    dequantizers and decode kernels; more rows dequantize for torch's GEMM), or "" (no kernels)."""
+    return _ISA if available() else ""
+
+
 def amx() -> bool:
     """True when the many-row GEMMs run on the CPU's AMX tile unit (the CPU has it, Linux granted it, and
     GRACE_AMX is not 0). Read on every call of the row limits: once the library was tried, only the flag."""
     return _AMX if _TRIED else (available() and _AMX)
+
+
+_BF16_VIA_FP32: bool | None = None
+
+
+def bf16_gemm_via_fp32() -> bool:
+    """True on a CPU without AVX-512 BF16 (or AMX), where torch's bf16 GEMM has no fast path: on a 2-core AMD Zen 3
+    it ran 2048x2048 at 256 rows in 100 ms, the same product in fp32 (both operands converted, products exact, fp32
+    sums as before) in 17 ms. The modules' many-row bf16 products then go through fp32."""
+    global _BF16_VIA_FP32
+    if _BF16_VIA_FP32 is None:
+        flags = _cpu_flags()
+        _BF16_VIA_FP32 = platform.machine().lower() in ("x86_64", "amd64") and not (
+            "avx512_bf16" in flags or "amx_bf16" in flags)
+    return _BF16_VIA_FP32
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for bf16 CPU tensors by the faster of torch's two correct routes (`bf16_gemm_via_fp32`)."""
+    if bf16_gemm_via_fp32() and x.dtype is torch.bfloat16 and x.device.type == "cpu" and x.shape[:-1].numel() > 8:
+        y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return y.to(x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def worth_it(out_features: int, in_features: int) -> bool:
@@ -229,20 +266,30 @@ INT8_GEMV_MAX_ROWS = 7
 INT8_TILE_MAX_ROWS = 16
 AMX_INT4_GEMV_MAX_ROWS = 4
 AMX_INT8_GEMV_MAX_ROWS = 3
+# the AVX2 build (fp32 FMAs, no GEMMs of its own): up to these rows the GEMVs beat dequantize + torch's GEMM
+# (a 2-core AMD Zen 3, module forwards, warm weights, a scratch run: on 2048->2048 and 6144->2048 the INT8 GEMV led
+# dequantize + the fp32 GEMM at every row count to 64, by 1.5-9x; the INT4 GEMV to 48, level there on 2048->2048 and
+# 1.1x behind at 64)
+AVX2_INT4_GEMV_MAX_ROWS = 40
+AVX2_INT8_GEMV_MAX_ROWS = 64
 
 
 def gemv_max_rows(kind: str) -> int:
     """Up to how many rows the GEMV of "int4" / "int8" weights runs (read at each call)."""
+    if _ISA == "avx2":
+        return AVX2_INT4_GEMV_MAX_ROWS if kind == "int4" else AVX2_INT8_GEMV_MAX_ROWS
     if amx():
         return AMX_INT4_GEMV_MAX_ROWS if kind == "int4" else AMX_INT8_GEMV_MAX_ROWS
     return INT4_GEMV_MAX_ROWS if kind == "int4" else INT8_GEMV_MAX_ROWS
 
 
 def gemm_path(kind: str, rows: int) -> str:
-    """The kernel that takes `rows` activation rows of "int4" / "int8" weights: "gemv", "tile_gemm", "pair_gemm"
-    or "amx_gemm"."""
+    """The kernel that takes `rows` activation rows of "int4" / "int8" weights: "gemv", "tile_gemm", "pair_gemm",
+    "amx_gemm" or, on the AVX2 build, "dequantize" (into this thread's bf16 buffer, then torch's GEMM)."""
     if rows <= gemv_max_rows(kind):
         return "gemv"
+    if _ISA == "avx2":
+        return "dequantize"
     if _AMX:
         return "amx_gemm"
     return "tile_gemm" if kind == "int8" and rows <= INT8_TILE_MAX_ROWS else "pair_gemm"
@@ -253,8 +300,14 @@ def _quantized_linear(kind: str, x: torch.Tensor, codes: torch.Tensor, params: t
     x = x.contiguous()
     k = x.shape[-1]
     m = x.numel() // k
+    path = gemm_path(kind, m)
+    if path == "dequantize":
+        dequant = dequant_int8 if kind == "int8" else dequant_int4
+        _output(x, n, dtype)                                   # the same dtype check
+        y = dequantized_linear(x, lambda start, rows, out: dequant(codes, params, group_size, n, start, rows, out), n, k)
+        return y.to(dtype)
     y = _output(x, n, dtype)
-    getattr(library(), f"grace_{gemm_path(kind, m)}_{kind}")(x.data_ptr(), codes.data_ptr(), params.data_ptr(),
+    getattr(library(), f"grace_{path}_{kind}")(x.data_ptr(), codes.data_ptr(), params.data_ptr(),
                                                              y.data_ptr(), m, n, k, group_size, _threads(),
                                                              dtype is torch.bfloat16)
     return y
@@ -347,7 +400,7 @@ def dequantized_linear(x: torch.Tensor, dequant, out_features: int, in_features:
     for start in range(0, out_features, step):
         rows = min(step, out_features - start)
         w = dequant(start, rows, _scratch(rows * in_features).view(rows, in_features))
-        parts.append(torch.nn.functional.linear(x, w))
+        parts.append(bf16_linear(x, w))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 

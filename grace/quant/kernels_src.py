@@ -23,11 +23,42 @@ static inline void put(void *y, int yb, int64_t i, float v) {
 }
 static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-int grace_kernels_version(void) { return 19; }
 #define ALWAYS static inline __attribute__((always_inline))
 #define MANY_MAX 8           // weights per *_many call (kernels.MANY_MAX)
+#define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
+
+// a *_many call's tiles: weight w's N[w] / 8 tiles follow weight w-1's; first[w] is weight w's first tile
+static inline int64_t tile_table(const int64_t *Ns, int count, int64_t *first) {
+    first[0] = 0;
+    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
+    return first[count];
+}
+static inline int weight_of(const int64_t *first, int64_t t) {
+    int w = 0;
+    while (t >= first[w + 1]) w++;
+    return w;
+}
+// the quantized *_many GEMVs: every tile b of every weight (codes / params / ys / Ns[w]) in one parallel loop,
+// its M activation rows in passes of up to four (CALL(MM) sees codes, params, y, N, b and m0)
+#define EACH_TILE_IN_PASSES_OF_4(CODES, PARAMS, CALL)                                                        \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t t = 0; t < tiles; t++) {                                                                   \
+        int w = weight_of(first, t);                                                                        \
+        const void *codes = (CODES)[w];                                                                     \
+        const uint16_t *params = (PARAMS)[w];                                                               \
+        void *y = ys[w];                                                                                    \
+        int64_t N = Ns[w], b = t - first[w];                                                                \
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                             \
+            int64_t mm = M - m0 < 4 ? M - m0 : 4;                                                           \
+            FOR_M(mm, CALL);                                                                                \
+        }                                                                                                   \
+    }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define GRACE_KERNELS 1
+#include <immintrin.h>
+int grace_kernels_version(void) { return 19; }
+int grace_kernels_isa(void) { return 512; }      // kernels.isa(): which branch of this file was built
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
 // ... into L1; the GEMVs also keep a longer stream into L2: 2 KB ahead is about one DRAM latency at their rate,
 // too few lines in flight. 16 KB ahead as well (cold weights, paired rounds against the L1 stream alone): bf16 GEMV
@@ -35,7 +66,6 @@ int grace_kernels_version(void) { return 19; }
 // two rows (from four rows on, bound by compute, the extra prefetches cost it 1-3 %, so it skips them there); the
 // dequantizers, bound by their writes, stay level.
 #define L2_AHEAD_BYTES 16384
-#define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
 
 // 16 bf16 -> fp32 (exact)
 static inline __m512 bf16x16_to_ps(const uint16_t *p) {
@@ -132,27 +162,6 @@ ALWAYS void int4_tile_to_bf16(const uint8_t *p, const uint16_t *sz, uint16_t *ou
     }
 }
 
-// Both dequantizers walk the weights in storage order (tile by tile, the 8 rows of a tile within each group or
-// chunk), so cold weights stream from DRAM as the GEMVs read them; rows outside [n0, n0 + rows) are skipped.
-#define DEQUANT_BODY(TILE_FN, W, S)                                                                         \
-    stream = stream && ((uintptr_t)out & 63) == 0;                                                          \
-    _Pragma("omp parallel num_threads(nt)")                                                                 \
-    {                                                                                                       \
-        _Pragma("omp for schedule(static) nowait")                                                          \
-        for (int64_t b = n0 / 8; b < (n0 + rows + 7) / 8; b++) TILE_FN(W, S, out, K, K, gs, b, n0, rows, stream); \
-        _mm_sfence();                                                                                       \
-    }
-
-void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t N, int64_t K, int64_t gs,
-                        int64_t n0, int64_t rows, int nt, int stream) {
-    DEQUANT_BODY(int8_tile_to_bf16, q, s)
-}
-
-void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t N, int64_t K, int64_t gs,
-                        int64_t n0, int64_t rows, int nt, int stream) {
-    DEQUANT_BODY(int4_tile_to_bf16, p, sz)
-}
-
 // ---- bf16: y[m, n] = sum_k x[m, k] w[n, k]; tiles of R output rows x MM activation rows -------------
 ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *wt, void *y, int yb, int64_t N, int64_t K,
                       int64_t n0, int64_t m0, const int MM, const int R) {      // wt: row n0's weights, rows K apart
@@ -191,33 +200,6 @@ ALWAYS void bf16_tile(const uint16_t *x, const uint16_t *wt, void *y, int yb, in
     }
     for (int i = 0; i < MM; i++) for (int r = 0; r < R; r++) put(y, yb, (m0 + i) * N + n0 + r, hsum(acc[i][r]));
 }
-
-// a *_many call's tiles: weight w's N[w] / 8 tiles follow weight w-1's; first[w] is weight w's first tile
-static inline int64_t tile_table(const int64_t *Ns, int count, int64_t *first) {
-    first[0] = 0;
-    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
-    return first[count];
-}
-static inline int weight_of(const int64_t *first, int64_t t) {
-    int w = 0;
-    while (t >= first[w + 1]) w++;
-    return w;
-}
-// the quantized *_many GEMVs: every tile b of every weight (codes / params / ys / Ns[w]) in one parallel loop,
-// its M activation rows in passes of up to four (CALL(MM) sees codes, params, y, N, b and m0)
-#define EACH_TILE_IN_PASSES_OF_4(CODES, PARAMS, CALL)                                                        \
-    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
-    for (int64_t t = 0; t < tiles; t++) {                                                                   \
-        int w = weight_of(first, t);                                                                        \
-        const void *codes = (CODES)[w];                                                                     \
-        const uint16_t *params = (PARAMS)[w];                                                               \
-        void *y = ys[w];                                                                                    \
-        int64_t N = Ns[w], b = t - first[w];                                                                \
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                             \
-            int64_t mm = M - m0 < 4 ? M - m0 : 4;                                                           \
-            FOR_M(mm, CALL);                                                                                \
-        }                                                                                                   \
-    }
 
 // one row, several weights of whole 8-row tiles (N % 8 == 0) reading the same x, as for the quantized GEMVs
 void grace_gemv_bf16_many(const uint16_t *x, const uint16_t *const *ws, void *const *ys, const int64_t *Ns, int count,
@@ -783,17 +765,433 @@ void grace_attention_decode(const uint16_t *q, const uint16_t *k, const uint16_t
         free(p);
     }
 }
-// ---- RMSNorm of a few bf16 rows, as transformers' Llama / Qwen3 RMSNorm computes it: the mean of squares in
-// fp32, x * rsqrt(mean + eps) rounded to bf16, then times the bf16 weight, rounded again. Only the order of the
-// fp32 sum differs from torch's (it can move the result by one bf16 unit, rarely).
-static void rms_norm_row(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t H, float eps) {
+// the fp32 sum of squares of H bf16 values (rms_norm_row below)
+static float sum_of_squares(const uint16_t *x, int64_t H) {
     __m512 acc = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= H; j += 16) { __m512 v = bf16x16_to_ps(x + j); acc = _mm512_fmadd_ps(v, v, acc); }
     float ss = _mm512_reduce_add_ps(acc);
     for (; j < H; j++) { float v = bf16_to_f(x[j]); ss += v * v; }
-    float inv = 1.0f / sqrtf(ss / (float)H + eps);
-    for (j = 0; j < H; j++) {            // every element read before it is written: out may be x
+    return ss;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// ---- AVX2 + FMA: CPUs without AVX-512 BF16 (AMD Zen 2 / 3, Intel before Cooper Lake / Sapphire Rapids). The same
+// GEMVs, dequantizers and decode kernels with fp32 FMAs: a product of two bf16 values (or of an exact code and a bf16
+// value) is exact in fp32, so each sum is again exact products summed in fp32. No tile, pair or AMX GEMM here: from
+// a few rows on the modules dequantize into a bf16 buffer and take torch's GEMM (kernels.gemm_path).
+#define GRACE_KERNELS 1
+#include <immintrin.h>
+int grace_kernels_version(void) { return 19; }
+int grace_kernels_isa(void) { return 2; }
+int grace_amx_ready(void) { return 0; }
+#define L2_AHEAD_BYTES 16384     // prefetch into L2 this far ahead (cold weights: 2-19 % faster at 1-2 rows)
+
+// 8 bf16 -> fp32 (exact)
+static inline __m256 bf16x8_to_ps(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+// the sum of 8 lanes in a fixed order: (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7))
+static inline float hsum8(__m256 v) {
+    __m128 q = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
+}
+static inline float hmax8(__m256 v) {
+    __m128 q = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    __m128 p = _mm_max_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_max_ss(p, _mm_movehdup_ps(p)));
+}
+// 8 fp32 -> 8 bf16 in the low 16 bits of each lane, rounded to nearest even as f_to_bf16 does for finite values
+// (no weight of a finite-scale model, and no softmax output, is NaN); denormals kept, as torch keeps them
+static inline __m256i round_bf16x8(__m256 f) {
+    __m256i u = _mm256_castps_si256(f);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+}
+// 16 fp32 (lo: elements 0-7, hi: 8-15) -> 16 bf16 in order
+static inline __m256i ps_to_bf16x16(__m256 lo, __m256 hi) {
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(round_bf16x8(lo), round_bf16x8(hi)), 0xD8);
+}
+static inline void put_x16(uint16_t *o, __m256i v, int stream) {
+    if (stream) _mm256_stream_si256((__m256i *)o, v); else _mm256_storeu_si256((__m256i *)o, v);
+}
+static inline void store_bf16_x16(uint16_t *o, __m256 lo, __m256 hi) { put_x16(o, ps_to_bf16x16(lo, hi), 0); }
+// r[j] := column j of the 8 x 8 matrix whose rows were r[0..7]
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int j = 0; j < 8; j += 2) { t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]); t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]); }
+    for (int j = 0; j < 8; j += 4) {
+        u[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44); u[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+        u[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44); u[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+        r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+    }
+}
+// the int4 tiled layout read 32 bytes (a row's 64 columns) at a time as eight 32-bit lanes i: the nibble at bits
+// 4u .. 4u+3 of lane i is column 8i + u of those 64 (the 16-bit lane's nibble t is column 4j + t, and lane i holds
+// 16-bit lanes 2i and 2i + 1). codes_u(v, u): those eight codes as fp32, lane i = column 8i + u.
+static inline __m256 int4_codes(__m256i v, int u) {
+    __m256i c = u == 7 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(_mm256_srli_epi32(v, 4 * u), _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(c);
+}
+
+// ---- dequantize (as the AVX-512 branch's int8_tile_to_bf16 / int4_tile_to_bf16: tile b's rows in [n0, n0 + rows))
+ALWAYS void int8_tile_to_bf16(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t ostride, int64_t K,
+                              int64_t gs, int64_t b, int64_t n0, int64_t rows, int stream) {
+    int64_t G = K / gs;
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t *blk = q + (b * G + g) * 8 * gs;
+        for (int r = 0; r < 8; r++) {
+            int64_t n = b * 8 + r;
+            if (n < n0 || n >= n0 + rows) continue;
+            __m256 sv = _mm256_set1_ps(bf16_to_f(s[(b * G + g) * 8 + r]));
+            const int8_t *qg = blk + r * gs;
+            uint16_t *o = out + (n - n0) * ostride + g * gs;
+            for (int64_t j = 0; j < gs; j += 16) {
+                __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qg + j))));
+                __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qg + j + 8))));
+                put_x16(o + j, ps_to_bf16x16(_mm256_mul_ps(c0, sv), _mm256_mul_ps(c1, sv)), stream);
+            }
+        }
+    }
+}
+ALWAYS void int4_tile_to_bf16(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t ostride, int64_t K,
+                              int64_t gs, int64_t b, int64_t n0, int64_t rows, int stream) {
+    int64_t G = K / gs, C = K / 128;
+    const __m256 eight = _mm256_set1_ps(8.f);
+    for (int64_t c = 0; c < C; c++) {
+        const uint8_t *blk = p + (b * C + c) * 512;
+        const uint16_t *sg = sz + (b * G + c * 128 / gs) * 16;
+        for (int r = 0; r < 8; r++) {
+            int64_t n = b * 8 + r;
+            if (n < n0 || n >= n0 + rows) continue;
+            __m256 sv = _mm256_set1_ps(bf16_to_f(sg[2 * r])), zv = _mm256_set1_ps(bf16_to_f(sg[2 * r + 1]));
+            for (int h = 0; h < 2; h++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * r + 32 * h));
+                __m256 t[8];
+                for (int u = 0; u < 8; u++) t[u] = _mm256_sub_ps(int4_codes(v, u), eight);    // c - 8, exact
+                transpose8(t);                                                                  // t[i]: columns 8i ..
+                uint16_t *o = out + (n - n0) * ostride + c * 128 + 64 * h;
+                for (int i = 0; i < 8; i += 2)      // (c - 8) * s is exact: the fma rounds once, like fp32 torch
+                    put_x16(o + 8 * i, ps_to_bf16x16(_mm256_fmadd_ps(t[i], sv, zv), _mm256_fmadd_ps(t[i + 1], sv, zv)), stream);
+            }
+        }
+    }
+}
+
+// ---- the GEMVs. x is converted to fp32 once per call (one thread; M x K floats stay in L1 / L2); each output is
+// one fp32 sum per row in the same order at any M, so a row's bits do not depend on the rows that share the call.
+// RR weight rows at a time, so that RR x MM independent FMA chains hide the FMA latency.
+static float *x_to_fp32(const uint16_t *x, int64_t M, int64_t K, int split) {
+    // split: each 16 elements as [8 even, 8 odd] (the bf16 GEMV's order), else in order
+    float *xf = (float *)aligned_alloc(32, (size_t)((M * K * 4 + 31) / 32 * 32));
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    for (int64_t k = 0; k < M * K; k += 16) {
+        if (split) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(x + k));
+            _mm256_store_ps(xf + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+            _mm256_store_ps(xf + k + 8, _mm256_castsi256_ps(_mm256_and_si256(v, high)));
+        } else {
+            _mm256_store_ps(xf + k, bf16x8_to_ps(x + k));
+            _mm256_store_ps(xf + k + 8, bf16x8_to_ps(x + k + 8));
+        }
+    }
+    return xf;
+}
+
+// bf16: rows n0 .. n0+RR-1 of w; a 256-bit load holds 16 weights, its even ones are the low halves of the 32-bit lanes
+ALWAYS void bf16_rows(const float *xf, const uint16_t *w, void *y, int yb, int64_t N, int64_t K, int64_t n0, int64_t m0,
+                      const int MM, const int RR) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 ae[4][4], ao[4][4];
+    for (int r = 0; r < RR; r++) for (int i = 0; i < MM; i++) { ae[r][i] = _mm256_setzero_ps(); ao[r][i] = _mm256_setzero_ps(); }
+    for (int64_t k = 0; k < K; k += 16) {
+        if (MM == 1 && (k & 31) == 0) for (int r = 0; r < RR; r++) _mm_prefetch((const char *)(w + (n0 + r) * K + k + L2_AHEAD_BYTES / 2), _MM_HINT_T1);
+        for (int r = 0; r < RR; r++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * K + k));
+            __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            for (int i = 0; i < MM; i++) {
+                const float *xk = xf + (m0 + i) * K + k;
+                ae[r][i] = _mm256_fmadd_ps(we, _mm256_load_ps(xk), ae[r][i]);
+                ao[r][i] = _mm256_fmadd_ps(wo, _mm256_load_ps(xk + 8), ao[r][i]);
+            }
+        }
+    }
+    for (int r = 0; r < RR; r++)
+        for (int i = 0; i < MM; i++) put(y, yb, (m0 + i) * N + n0 + r, hsum8(_mm256_add_ps(ae[r][i], ao[r][i])));
+}
+// rows n0 .. n1-1 against all M rows: 4 weight rows at a time for one activation row, 2 for two, 1 for more
+static void bf16_span(const float *xf, const uint16_t *w, void *y, int yb, int64_t M, int64_t N, int64_t K, int64_t n0,
+                      int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        int64_t mm = M - m0 < 4 ? M - m0 : 4, rr = mm == 1 ? 4 : mm == 2 ? 2 : 1, n = n0;
+        for (; n + rr <= n1; n += rr) {
+            if (mm == 1) bf16_rows(xf, w, y, yb, N, K, n, m0, 1, 4);
+            else if (mm == 2) bf16_rows(xf, w, y, yb, N, K, n, m0, 2, 2);
+            else if (mm == 3) bf16_rows(xf, w, y, yb, N, K, n, m0, 3, 1);
+            else bf16_rows(xf, w, y, yb, N, K, n, m0, 4, 1);
+        }
+        for (; n < n1; n++) {
+#define BF16_ONE(T) bf16_rows(xf, w, y, yb, N, K, n, m0, T, 1)
+            FOR_M(mm, BF16_ONE);
+        }
+    }
+}
+void grace_gemv_bf16(const uint16_t *x, const uint16_t *w, void *y, int64_t M, int64_t N, int64_t K, int nt, int yb) {
+    float *xf = x_to_fp32(x, M, K, 1);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < (N + 7) / 8; b++) bf16_span(xf, w, y, yb, M, N, K, b * 8, b * 8 + 8 < N ? b * 8 + 8 : N);
+    free(xf);
+}
+void grace_gemv_bf16_many(const uint16_t *x, const uint16_t *const *ws, void *const *ys, const int64_t *Ns, int count,
+                          int64_t K, int nt, int yb) {
+    int64_t first[MANY_MAX + 1], tiles = tile_table(Ns, count, first);
+    float *xf = x_to_fp32(x, 1, K, 1);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int w = weight_of(first, t);
+        int64_t n0 = (t - first[w]) * 8;
+        bf16_span(xf, ws[w], ys[w], yb, 1, Ns[w], K, n0, n0 + 8);
+    }
+    free(xf);
+}
+
+// int8 tile b: per group and row, the sum of code x x over the group (exact codes, one FMA chain), scaled into the
+// row's running sum (fp32, L1)
+ALWAYS void int8_rows(const float *xf, const int8_t *blk, int64_t gs, int64_t xoff, int r0, __m256 sv[8],
+                      __m256 tot[4][8], int64_t K, int64_t m0, const int MM, const int RR) {
+    __m256 a[8][4];
+    for (int r = 0; r < RR; r++) for (int i = 0; i < MM; i++) a[r][i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < gs; j += 8) {
+        for (int r = 0; r < RR; r++) {
+            __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + (r0 + r) * gs + j))));
+            for (int i = 0; i < MM; i++) a[r][i] = _mm256_fmadd_ps(c, _mm256_load_ps(xf + (m0 + i) * K + xoff + j), a[r][i]);
+        }
+    }
+    for (int r = 0; r < RR; r++) for (int i = 0; i < MM; i++) tot[i][r0 + r] = _mm256_fmadd_ps(a[r][i], sv[r0 + r], tot[i][r0 + r]);
+}
+ALWAYS void int8_tile(const float *xf, const int8_t *q, const uint16_t *s, void *y, int yb, int64_t N, int64_t K,
+                      int64_t gs, int64_t b, int64_t m0, const int MM) {
+    const int RR = MM == 1 ? 8 : MM == 2 ? 4 : 2;
+    __m256 tot[4][8];
+    for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) tot[i][r] = _mm256_setzero_ps();
+    int64_t G = K / gs;
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t *blk = q + (b * G + g) * 8 * gs;
+        if (m0 == 0) for (int64_t o = 0; o < 8 * gs; o += 64) _mm_prefetch((const char *)(blk + L2_AHEAD_BYTES + o), _MM_HINT_T1);
+        __m256 sv[8];
+        for (int r = 0; r < 8; r++) sv[r] = _mm256_set1_ps(bf16_to_f(s[(b * G + g) * 8 + r]));
+        for (int r0 = 0; r0 < 8; r0 += RR) int8_rows(xf, blk, gs, g * gs, r0, sv, tot, K, m0, MM, RR);
+    }
+    for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) put(y, yb, (m0 + i) * N + b * 8 + r, hsum8(tot[i][r]));
+}
+void grace_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, const uint16_t *const *ss, void *const *ys,
+                          const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
+    int64_t first[MANY_MAX + 1], tiles = tile_table(Ns, count, first);
+    float *xf = x_to_fp32(x, M, K, 0);
+#define I8_CALL(T) int8_tile(xf, (const int8_t *)codes, params, y, yb, N, K, gs, b, m0, T)
+    EACH_TILE_IN_PASSES_OF_4(qs, ss, I8_CALL);
+    free(xf);
+}
+void grace_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N, int64_t K,
+                     int64_t gs, int nt, int yb) {
+    grace_gemv_int8_many(x, &q, &s, &y, &N, 1, M, K, gs, nt, yb);
+}
+
+// int4 tile b: sum_k W x = s * sum c x + (z - 8 s) * sum x per 128-column chunk, with x permuted to the nibble order
+// (xp: per chunk and half, [u][i] = x[64 h + 8 i + u]) and sx the chunk sums of x
+ALWAYS void int4_rows(const float *xp, const uint8_t *blk, int r0, __m256 a[8][4], int64_t K, int64_t xoff, int64_t m0,
+                      const int MM, const int RR) {
+    for (int r = 0; r < RR; r++) for (int i = 0; i < MM; i++) a[r][i] = _mm256_setzero_ps();
+    for (int h = 0; h < 2; h++)
+        for (int r = 0; r < RR; r++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * (r0 + r) + 32 * h));
+            for (int u = 0; u < 8; u++) {
+                __m256 c = int4_codes(v, u);
+                for (int i = 0; i < MM; i++)
+                    a[r][i] = _mm256_fmadd_ps(c, _mm256_load_ps(xp + (m0 + i) * K + xoff + 64 * h + 8 * u), a[r][i]);
+            }
+        }
+}
+ALWAYS void int4_tile(const float *xp, const float *sx, const uint8_t *p, const uint16_t *sz, void *y, int yb, int64_t N,
+                      int64_t K, int64_t gs, int64_t b, int64_t m0, const int MM) {
+    const int RR = MM == 1 ? 4 : 2;
+    __m256 tot[4][8];
+    float off[4][8];
+    for (int i = 0; i < MM; i++) for (int r = 0; r < 8; r++) { tot[i][r] = _mm256_setzero_ps(); off[i][r] = 0.f; }
+    int64_t C = K / 128, G = K / gs;
+    for (int64_t c = 0; c < C; c++) {
+        const uint8_t *blk = p + (b * C + c) * 512;
+        if (MM <= 2) for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)(blk + L2_AHEAD_BYTES + o), _MM_HINT_T1);
+        const uint16_t *sg = sz + (b * G + c * 128 / gs) * 16;
+        for (int r0 = 0; r0 < 8; r0 += RR) {
+            __m256 a[8][4];
+            int4_rows(xp, blk, r0, a, K, c * 128, m0, MM, RR);
+            for (int r = 0; r < RR; r++) {
+                float sc = bf16_to_f(sg[2 * (r0 + r)]), zo = bf16_to_f(sg[2 * (r0 + r) + 1]);
+                __m256 sv = _mm256_set1_ps(sc);
+                for (int i = 0; i < MM; i++) {
+                    tot[i][r0 + r] = _mm256_fmadd_ps(a[r][i], sv, tot[i][r0 + r]);
+                    off[i][r0 + r] += (zo - 8.f * sc) * sx[(m0 + i) * C + c];
+                }
+            }
+        }
+    }
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 8; r++) put(y, yb, (m0 + i) * N + b * 8 + r, hsum8(tot[i][r]) + off[i][r]);
+}
+void grace_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uint16_t *const *szs, void *const *ys,
+                          const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs, int nt, int yb) {
+    int64_t C = K / 128, first[MANY_MAX + 1], tiles = tile_table(Ns, count, first);
+    float *xp = (float *)aligned_alloc(32, (size_t)((M * K * 4 + 31) / 32 * 32));
+    float *sx = (float *)malloc(sizeof(float) * M * C);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < C; c++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int h = 0; h < 2; h++) {
+                const uint16_t *xm = x + m * K + c * 128 + 64 * h;
+                __m256 t[8];
+                for (int i = 0; i < 8; i++) { t[i] = bf16x8_to_ps(xm + 8 * i); acc = _mm256_add_ps(acc, t[i]); }
+                transpose8(t);                                       // t[u], lane i = x[64 h + 8 i + u]
+                for (int u = 0; u < 8; u++) _mm256_store_ps(xp + m * K + c * 128 + 64 * h + 8 * u, t[u]);
+            }
+            sx[m * C + c] = hsum8(acc);
+        }
+#define I4_CALL(T) int4_tile(xp, sx, (const uint8_t *)codes, params, y, yb, N, K, gs, b, m0, T)
+    EACH_TILE_IN_PASSES_OF_4(ps, szs, I4_CALL);
+    free(xp);
+    free(sx);
+}
+void grace_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N, int64_t K,
+                     int64_t gs, int nt, int yb) {
+    grace_gemv_int4_many(x, &p, &sz, &y, &N, 1, M, K, gs, nt, yb);
+}
+
+// ---- attention of one query token (as the AVX-512 branch's, eight lanes at a time)
+static inline __m256 exp_ps(__m256 x) {      // e^x for x <= 0, a few ulp: 2^n * e^r, |r| <= ln2 / 2
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));         // 2^n stays a normal number (e^-87 ~ 1.6e-38)
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 e = _mm256_set1_ps(1.f / 5040.f);
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 720.f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 120.f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 24.f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 6.f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(0.5f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f));
+    __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(e, _mm256_castsi256_ps(pow2));
+}
+
+#define ATTN_MAX_D 256
+#define ATTN_MAX_GROUP 16
+void grace_attention_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t Hq,
+                            int64_t Hkv, int64_t L, int64_t D, int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb,
+                            int64_t vsh, int64_t vsl, float scale, int nt) {
+    int64_t G = Hq / Hkv, Lp = (L + 7) / 8 * 8;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t u = 0; u < B * Hkv; u++) {
+        int64_t b = u / Hkv, hk = u % Hkv;
+        const uint16_t *kb = k + b * ksb + hk * ksh, *vb = v + b * vsb + hk * vsh;
+        const uint16_t *qg = q + (b * Hq + hk * G) * D;
+        float *p = (float *)malloc(sizeof(float) * G * Lp);
+        float *qf = (float *)aligned_alloc(32, sizeof(float) * G * D);
+        float inv[ATTN_MAX_GROUP];
+        for (int64_t j = 0; j < G * D; j += 8) _mm256_store_ps(qf + j, bf16x8_to_ps(qg + j));
+        for (int64_t l = 0; l < L; l++) {
+            const uint16_t *kl = kb + l * ksl;
+            for (int64_t g = 0; g < G; g++) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 16) {
+                    a0 = _mm256_fmadd_ps(_mm256_load_ps(qf + g * D + d), bf16x8_to_ps(kl + d), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_load_ps(qf + g * D + d + 8), bf16x8_to_ps(kl + d + 8), a1);
+                }
+                p[g * Lp + l] = hsum8(_mm256_add_ps(a0, a1)) * scale;
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float *pg = p + g * Lp;
+            for (int64_t l = L; l < Lp; l++) pg[l] = -INFINITY;
+            __m256 mx = _mm256_set1_ps(-INFINITY);
+            for (int64_t l = 0; l < Lp; l += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(pg + l));
+            __m256 m = _mm256_set1_ps(hmax8(mx)), sum = _mm256_setzero_ps();
+            for (int64_t l = 0; l < Lp; l += 8) {
+                __m256 s = _mm256_loadu_ps(pg + l);
+                __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(s, m)), _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
+                _mm256_storeu_ps(pg + l, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            inv[g] = 1.f / hsum8(sum);
+        }
+        __m256 acc[ATTN_MAX_GROUP][ATTN_MAX_D / 8];
+        for (int64_t g = 0; g < G; g++) for (int64_t d = 0; d < D / 8; d++) acc[g][d] = _mm256_setzero_ps();
+        for (int64_t l = 0; l < L; l++) {
+            const uint16_t *vl = vb + l * vsl;
+            for (int64_t d = 0; d < D / 8; d++) {
+                __m256 vv = bf16x8_to_ps(vl + 8 * d);
+                for (int64_t g = 0; g < G; g++) acc[g][d] = _mm256_fmadd_ps(_mm256_set1_ps(p[g * Lp + l]), vv, acc[g][d]);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            uint16_t *o = out + (b * Hq + hk * G + g) * D;
+            __m256 iv = _mm256_set1_ps(inv[g]);
+            for (int64_t d = 0; d < D / 8; d += 2)
+                store_bf16_x16(o + 8 * d, _mm256_mul_ps(acc[g][d], iv), _mm256_mul_ps(acc[g][d + 1], iv));
+        }
+        free(qf);
+        free(p);
+    }
+}
+static float sum_of_squares(const uint16_t *x, int64_t H) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= H; j += 16) {
+        __m256 v0 = bf16x8_to_ps(x + j), v1 = bf16x8_to_ps(x + j + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+    }
+    float ss = hsum8(_mm256_add_ps(a0, a1));
+    for (; j < H; j++) { float v = bf16_to_f(x[j]); ss += v * v; }
+    return ss;
+}
+#else
+int grace_kernels_version(void) { return 0; }  // neither AVX-512 BF16 nor AVX2 + FMA: the modules use torch's kernels
+#endif
+
+#ifdef GRACE_KERNELS
+// ---- what both branches share, on their tile converters and sum of squares
+// Both dequantizers walk the weights in storage order (tile by tile, the 8 rows of a tile within each group or
+// chunk), so cold weights stream from DRAM as the GEMVs read them; rows outside [n0, n0 + rows) are skipped.
+#define DEQUANT_BODY(TILE_FN, W, S)                                                                         \
+    stream = stream && ((uintptr_t)out & 63) == 0;                                                          \
+    _Pragma("omp parallel num_threads(nt)")                                                                 \
+    {                                                                                                       \
+        _Pragma("omp for schedule(static) nowait")                                                          \
+        for (int64_t b = n0 / 8; b < (n0 + rows + 7) / 8; b++) TILE_FN(W, S, out, K, K, gs, b, n0, rows, stream); \
+        _mm_sfence();                                                                                       \
+    }
+
+void grace_dequant_int8(const int8_t *q, const uint16_t *s, uint16_t *out, int64_t N, int64_t K, int64_t gs,
+                        int64_t n0, int64_t rows, int nt, int stream) {
+    DEQUANT_BODY(int8_tile_to_bf16, q, s)
+}
+
+void grace_dequant_int4(const uint8_t *p, const uint16_t *sz, uint16_t *out, int64_t N, int64_t K, int64_t gs,
+                        int64_t n0, int64_t rows, int nt, int stream) {
+    DEQUANT_BODY(int4_tile_to_bf16, p, sz)
+}
+
+// ---- RMSNorm of a few bf16 rows, as transformers' Llama / Qwen3 RMSNorm computes it: the mean of squares in
+// fp32, x * rsqrt(mean + eps) rounded to bf16, then times the bf16 weight, rounded again. Only the order of the
+// fp32 sum differs from torch's (it can move the result by one bf16 unit, rarely).
+static void rms_norm_row(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t H, float eps) {
+    float inv = 1.0f / sqrtf(sum_of_squares(x, H) / (float)H + eps);
+    for (int64_t j = 0; j < H; j++) {            // every element read before it is written: out may be x
         float normed = bf16_to_f(f_to_bf16(bf16_to_f(x[j]) * inv));
         out[j] = f_to_bf16(bf16_to_f(w[j]) * normed);
     }
@@ -828,7 +1226,5 @@ void grace_qk_norm_rope(const uint16_t *q, const uint16_t *k, uint16_t *q_out, u
         norm_rope_heads(k + b * Hkv * D, k_out + b * Hkv * D, kw, k_eps, cs + b * D, sn + b * D, Hkv, D);
     }
 }
-#else
-int grace_kernels_version(void) { return 0; }  // this CPU lacks AVX-512 BF16: the modules use torch's kernels
 #endif
 """
