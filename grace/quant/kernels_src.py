@@ -25,6 +25,8 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 
 #define ALWAYS static inline __attribute__((always_inline))
 #define MANY_MAX 8           // weights per *_many call (kernels.MANY_MAX)
+#define ATTN_MAX_D 256       // decode attention: head dim and query heads per key/value head (kernels.ATTENTION_MAX_*)
+#define ATTN_MAX_GROUP 16
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
 
 // a *_many call's tiles: weight w's N[w] / 8 tiles follow weight w-1's; first[w] is weight w's first tile
@@ -57,7 +59,6 @@ static inline int weight_of(const int64_t *first, int64_t t) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define GRACE_KERNELS 1
 #include <immintrin.h>
-int grace_kernels_version(void) { return 19; }
 int grace_kernels_isa(void) { return 512; }      // kernels.isa(): which branch of this file was built
 #define PREFETCH_TILES 2     // how far ahead (in tiles' worth of one group, or of one 128-column chunk) to prefetch
 // ... into L1; the GEMVs also keep a longer stream into L2: 2 KB ahead is about one DRAM latency at their rate,
@@ -711,8 +712,6 @@ static inline __m512 exp_ps(__m512 x) {      // e^x for x <= 0, a few ulp: 2^n *
 }
 
 
-#define ATTN_MAX_D 256
-#define ATTN_MAX_GROUP 16
 void grace_attention_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t Hq,
                             int64_t Hkv, int64_t L, int64_t D, int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb,
                             int64_t vsh, int64_t vsl, float scale, int nt) {
@@ -781,7 +780,6 @@ static float sum_of_squares(const uint16_t *x, int64_t H) {
 // a few rows on the modules dequantize into a bf16 buffer and take torch's GEMM (kernels.gemm_path).
 #define GRACE_KERNELS 1
 #include <immintrin.h>
-int grace_kernels_version(void) { return 19; }
 int grace_kernels_isa(void) { return 2; }
 int grace_amx_ready(void) { return 0; }
 #define L2_AHEAD_BYTES 16384     // prefetch into L2 this far ahead (cold weights: 2-19 % faster at 1-2 rows)
@@ -1088,8 +1086,6 @@ static inline __m256 exp_ps(__m256 x) {      // e^x for x <= 0, a few ulp: 2^n *
     return _mm256_mul_ps(e, _mm256_castsi256_ps(pow2));
 }
 
-#define ATTN_MAX_D 256
-#define ATTN_MAX_GROUP 16
 void grace_attention_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t Hq,
                             int64_t Hkv, int64_t L, int64_t D, int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb,
                             int64_t vsh, int64_t vsl, float scale, int nt) {
@@ -1165,6 +1161,7 @@ int grace_kernels_version(void) { return 0; }  // neither AVX-512 BF16 nor AVX2 
 
 #ifdef GRACE_KERNELS
 // ---- what both branches share, on their tile converters and sum of squares
+int grace_kernels_version(void) { return 19; }
 // Both dequantizers walk the weights in storage order (tile by tile, the 8 rows of a tile within each group or
 // chunk), so cold weights stream from DRAM as the GEMVs read them; rows outside [n0, n0 + rows) are skipped.
 #define DEQUANT_BODY(TILE_FN, W, S)                                                                         \
