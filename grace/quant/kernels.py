@@ -148,7 +148,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 19:
+    if lib.grace_kernels_version() != 20:
         return None
     global _AMX, _ISA
     _ISA = "avx512" if lib.grace_kernels_isa() == 512 else "avx2"
