@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels_src import SOURCE
+from .kernels_src import SOURCE, VERSION
 
 log = logging.getLogger("grace")
 _LOCK = threading.Lock()
@@ -148,7 +148,7 @@ def _build() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("grace: could not load %s (%s); using torch's kernels", target, err)
         return None
-    if lib.grace_kernels_version() != 20:
+    if lib.grace_kernels_version() != VERSION:
         return None
     global _AMX, _ISA
     _ISA = "avx512" if lib.grace_kernels_isa() == 512 else "avx2"

@@ -3,7 +3,10 @@
 Kept in a .py file so it ships inside the package with no package-data configuration.
 """
 
-SOURCE = r"""
+# bumped whenever a kernel's signature or behaviour changes; kernels.py loads only a library that reports it
+VERSION = 20
+
+SOURCE = f"#define GRACE_KERNELS_VERSION {VERSION}\n" + r"""
 // GRACE CPU kernels (compiled at first use by grace/quant/kernels.py; AVX-512 with BF16 dot products).
 // All GEMVs take bf16 activations x [M, K] and write y [M, N] in fp32 or bf16 (flag yb); accumulation is fp32 throughout.
 #include <stdint.h>
@@ -1173,7 +1176,7 @@ int grace_kernels_version(void) { return 0; }  // neither AVX-512 BF16 nor AVX2 
 
 #ifdef GRACE_KERNELS
 // ---- what both branches share, on their tile converters and sum of squares
-int grace_kernels_version(void) { return 20; }
+int grace_kernels_version(void) { return GRACE_KERNELS_VERSION; }
 // Both dequantizers walk the weights in storage order (tile by tile, the 8 rows of a tile within each group or
 // chunk), so cold weights stream from DRAM as the GEMVs read them; rows outside [n0, n0 + rows) are skipped.
 #define DEQUANT_BODY(TILE_FN, W, S)                                                                         \
