@@ -49,7 +49,7 @@ _AMX = False
 _ISA = ""
 # either branch of kernels_src.py: AVX-512 with BF16 dot products, or AVX2 with FMA (no tile / pair / AMX GEMM)
 _ISA_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512_bf16"}, "avx2": {"avx2", "fma"}}
-_AMX_FLAGS = {"amx_tile", "amx_bf16"}
+_AMX_FLAGS = {"amx_tile", "amx_bf16", "amx_int8"}
 # the dequantize-then-GEMM path dequantizes at most this many weights at a time into a buffer each thread
 # reuses (32 MB): every 2B decoder linear in one piece. Dequantizing costs ~6 % of the many-row GEMM that
 # follows, while cutting the GEMM into pieces that stay in L3 (4 MB) cost it up to 17 % (down_proj at 256 rows:
@@ -86,7 +86,8 @@ _SIGNATURES = {
     "grace_gemv_bf16": [_P, _P, _P, _I, _I, _I, _T, _T], "grace_gemv_bf16_many": [_P, _P, _P, _P, _T, _I, _T, _T],
     "grace_gemv_int8": _GEMV, "grace_gemv_int4": _GEMV, "grace_gemv_int8_many": _MANY, "grace_gemv_int4_many": _MANY,
     "grace_tile_gemm_int8": _GEMV, "grace_pair_gemm_int8": _GEMV, "grace_pair_gemm_int4": _GEMV,
-    "grace_amx_gemm_int8": _GEMV, "grace_amx_gemm_int4": _GEMV,
+    "grace_amx_gemm_int8": _GEMV, "grace_amx_gemm_int4": _GEMV, "grace_amx_gemv_int8": _GEMV,
+    "grace_amx_gemv_int8_many": _MANY,
     "grace_dequant_int8": _DEQUANT, "grace_dequant_int4": _DEQUANT,
     "grace_attention_decode": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _F, _T],
     "grace_rms_norm": [_P, _P, _P, _I, _I, _F],
@@ -297,7 +298,7 @@ def gemm_path(kind: str, rows: int) -> str:
     """The kernel that takes `rows` activation rows of "int4" / "int8" weights: "gemv", "tile_gemm", "pair_gemm",
     "amx_gemm" or, on the AVX2 build, "dequantize" (into this thread's bf16 buffer, then torch's GEMM)."""
     if rows <= gemv_max_rows(kind):
-        return "gemv"
+        return "amx_gemv" if _AMX and kind == "int8" else "gemv"
     if _ISA == "avx2":
         return "dequantize"
     if _AMX:
@@ -361,7 +362,7 @@ def gemv_many(kind: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, torc
         lib.grace_gemv_bf16_many(x.data_ptr(), ptrs([w.data_ptr() for w, _, _ in weights]), ys, ns, count, k,
                                  _threads(), 1)
     else:
-        fn = lib.grace_gemv_int4_many if kind == "int4" else lib.grace_gemv_int8_many
+        fn = getattr(lib, f"grace_{gemm_path(kind, x.numel() // k)}_{kind}_many")
         fn(x.data_ptr(), ptrs([c.data_ptr() for c, _, _ in weights]), ptrs([q.data_ptr() for _, q, _ in weights]),
            ys, ns, count, x.numel() // k, k, group_size, _threads(), 1)
     return outs

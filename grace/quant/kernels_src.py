@@ -4,7 +4,7 @@ Kept in a .py file so it ships inside the package with no package-data configura
 """
 
 # bumped whenever a kernel's signature or behaviour changes; kernels.py loads only a library that reports it
-VERSION = 20
+VERSION = 21
 
 SOURCE = f"#define GRACE_KERNELS_VERSION {VERSION}\n" + r"""
 // GRACE CPU kernels (compiled at first use by grace/quant/kernels.py; AVX-512 with BF16 dot products).
@@ -699,6 +699,166 @@ void grace_amx_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, 
 void grace_amx_gemm_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N,
                          int64_t K, int64_t gs, int nt, int yb) {
     AMX_GEMM(int4_tile_to_bf16, p, sz)
+}
+
+// ---- INT8, a few rows (decode) on AMX's integer unit, the codes read as they are stored. Each activation row
+// becomes integers X = x * 2^(30 - E) (E: the exponent just above the row's largest |x|, so |X| < 2^30; every x
+// within 2^-22 of that largest is exact, smaller ones are rounded at 2^-31 of it) written as four signed 8-bit
+// digits, X = d0 + 2^8 d1 + 2^16 d2 + 2^24 d3. The tile unit sums code x digit products exactly in int32; each
+// group's digit sums are scaled by 2^8i (exact) and by the group's scale in one fp32 fma, so the error is of the
+// fp32 kind (~1e-7 relative, below the AVX-512 GEMV's), not bf16's. On a 2-core AMX guest whose bf16 dot products
+// run at 0.4 a cycle the AVX-512 INT8 GEMV was bound by its int8 -> bf16 conversions (12-13 GB/s with DRAM at 18+);
+// this one moved 16-28 GB/s on the 2B shapes. (The same scheme for INT4, its nibbles unpacked to bytes in L1 first,
+// ran at 0.8x the AVX-512 INT4 GEMV there, so INT4 stays on that.) x with an infinity or NaN takes the AVX-512 GEMV,
+// whose result is NaN / inf as torch's would be.
+#define AMXI __attribute__((target("amx-tile,amx-int8")))
+#define AMX_GEMV_MAX_ROWS 4     // kernels.AMX_INT8_GEMV_MAX_ROWS at most: 4 rows x 4 digits fill a tile's 16 columns
+
+// digit rows of the B operand for 16 columns of one row: per 64 columns ("a k-tile") 16 rows, row q holding at
+// bytes 4 i .. 4 i + 3 digit i of columns 4q .. 4q+3 (row0: this row's first byte in the k-tile's first B row)
+static inline void digits_x16(__m512 f, int shift, int8_t *row0, int64_t rowbytes) {
+    __m512i X = _mm512_cvtps_epi32(_mm512_scalef_ps(f, _mm512_set1_ps((float)shift)));   // exact scaling, then RNE
+    __m512i d[4], r = X;
+    for (int i = 0; i < 3; i++) {
+        d[i] = _mm512_srai_epi32(_mm512_slli_epi32(r, 24), 24);
+        r = _mm512_srai_epi32(_mm512_sub_epi32(r, d[i]), 8);
+    }
+    d[3] = r;
+    __m128i b0 = _mm512_cvtepi32_epi8(d[0]), b1 = _mm512_cvtepi32_epi8(d[1]);
+    __m128i b2 = _mm512_cvtepi32_epi8(d[2]), b3 = _mm512_cvtepi32_epi8(d[3]);
+    __m128i t0 = _mm_unpacklo_epi32(b0, b1), t1 = _mm_unpackhi_epi32(b0, b1);
+    __m128i t2 = _mm_unpacklo_epi32(b2, b3), t3 = _mm_unpackhi_epi32(b2, b3);
+    _mm_storeu_si128((__m128i *)row0, _mm_unpacklo_epi64(t0, t2));
+    _mm_storeu_si128((__m128i *)(row0 + rowbytes), _mm_unpackhi_epi64(t0, t2));
+    _mm_storeu_si128((__m128i *)(row0 + 2 * rowbytes), _mm_unpacklo_epi64(t1, t3));
+    _mm_storeu_si128((__m128i *)(row0 + 3 * rowbytes), _mm_unpackhi_epi64(t1, t3));
+}
+
+// the exponent shift of each row (30 - E); 0 where a row holds an infinity or NaN
+static int amx_shifts(const uint16_t *x, int64_t M, int64_t K, int *shift) {
+    for (int64_t m = 0; m < M; m++) {
+        __m512i mx = _mm512_setzero_si512();
+        for (int64_t k = 0; k < K; k += 32)
+            mx = _mm512_max_epu16(mx, _mm512_and_si512(_mm512_loadu_si512(x + m * K + k), _mm512_set1_epi16(0x7fff)));
+        uint16_t w[32], top = 0;
+        _mm512_storeu_si512(w, mx);
+        for (int j = 0; j < 32; j++) top = w[j] > top ? w[j] : top;
+        if (top >= 0x7f80) return 0;
+        shift[m] = 30 - ((int)(top >> 7) - 126);         // |x| < 2^(biased exponent - 126), denormals included
+    }
+    return 1;
+}
+
+// k-tile t (64 columns) of every row into xd: 16 rows of 16 M bytes, row m's digits at bytes 16 m .. 16 m + 15
+static inline void amx_digit_tile(const uint16_t *x, const int *shift, int64_t M, int64_t K, int64_t t, int8_t *xd) {
+    int64_t rowbytes = 16 * M;
+    for (int64_t m = 0; m < M; m++)
+        for (int u = 0; u < 4; u++)
+            digits_x16(bf16x16_to_ps(x + m * K + t * 64 + 16 * u), shift[m], xd + (t * 16 + 4 * u) * rowbytes + 16 * m,
+                       rowbytes);
+}
+
+AMXI static void amx_gemv_begin(int64_t M) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) {        // 0-1: sums [8 weight rows][M rows][4 digits]; 2-3: codes; 4-5: digits
+        c.rows[t] = t < 4 ? 8 : 16;
+        c.colsb[t] = t == 2 || t == 3 ? 64 : (uint16_t)(16 * M);
+    }
+    _tile_loadconfig(&c);
+}
+
+// one group's sums cb [8 weight rows][4 M] int32 into tot (the same layout in fp32, 2 M vectors):
+// tot += (cb * 2^(8 digit)) * the scale of its weight row; sc: the 8 rows' scales in lanes 0-7
+ALWAYS void amx_combine(const int32_t *cb, __m512 sc, __m512 *tot, const int MM) {
+    const __m512 dw = _mm512_setr_ps(1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f,
+                                     1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f);
+    for (int v = 0; v < 2 * MM; v++) {
+        int32_t l[16];
+        for (int j = 0; j < 16; j++) l[j] = (16 * v + j) / (4 * MM);      // lane -> weight row (constants at -O3)
+        __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cb + 16 * v)), dw);
+        tot[v] = _mm512_fmadd_ps(c, _mm512_permutexvar_ps(_mm512_loadu_si512(l), sc), tot[v]);
+    }
+}
+
+// Each group's sums go to tile 0 or 1 by its parity and are stored and combined one group late, so the vector unit
+// does not wait for the dot products it just issued; codes and digits alternate between tiles 2 / 4 and 3 / 5 by
+// k-tile. Tile numbers are immediates: the parities are branches. Every activation row's lanes see the same
+// operations in the same order at any M, so a row gets the same bits alone or beside others.
+#define AMX_PARITY(PAR, BODY) do { if (PAR) { BODY(1); } else { BODY(0); } } while (0)
+#define AMX_STORE(T) _tile_stored(T, cb, rowbytes)
+#define AMX_ZERO(T) _tile_zero(T)
+#define I8_KTILE(T) do {                                                                                    \
+        if (t & 1) { _tile_loadd(3, codes + j, gs); _tile_loadd(5, xd + t * 16 * rowbytes, rowbytes); _tile_dpbssd(T, 3, 5); } \
+        else { _tile_loadd(2, codes + j, gs); _tile_loadd(4, xd + t * 16 * rowbytes, rowbytes); _tile_dpbssd(T, 2, 4); } \
+    } while (0)
+
+AMXI ALWAYS void amx_int8_tile(const int8_t *xd, const int *shift, const int8_t *q, const uint16_t *s, void *y,
+                               int yb, int64_t N, int64_t K, int64_t gs, int64_t b, const int MM) {
+    __attribute__((aligned(64))) int32_t cb[8 * 16];
+    __attribute__((aligned(64))) float out[8 * 16];
+    __m512 tot[8];
+    for (int v = 0; v < 2 * MM; v++) tot[v] = _mm512_setzero_ps();
+    int64_t G = K / gs, rowbytes = 16 * MM;
+    for (int64_t g = 0; g <= G; g++) {
+        if (g < G) {
+            const int8_t *codes = q + (b * G + g) * 8 * gs;
+            for (int64_t o = 0; o < 8 * gs; o += 64) _mm_prefetch((const char *)(codes + L2_AHEAD_BYTES + o), _MM_HINT_T1);
+            AMX_PARITY(g & 1, AMX_ZERO);
+            for (int64_t j = 0; j < gs; j += 64) {
+                int64_t t = (g * gs + j) / 64;
+                AMX_PARITY(g & 1, I8_KTILE);
+            }
+        }
+        if (g > 0) {
+            int64_t h = g - 1;
+            AMX_PARITY(h & 1, AMX_STORE);
+            __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(s + (b * G + h) * 8)))), 16));
+            amx_combine(cb, sc, tot, MM);
+        }
+    }
+    // y[m, n] = (row m's four digit sums, highest first) * 2^-shift
+    for (int v = 0; v < 2 * MM; v++) _mm512_store_ps(out + 16 * v, tot[v]);
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < 8; r++) {
+            const float *d = out + r * 4 * MM + 4 * m;
+            put(y, yb, m * N + b * 8 + r, ldexpf(((d[3] + d[2]) + d[1]) + d[0], -shift[m]));
+        }
+}
+
+// as grace_gemv_int8_many (M <= AMX_GEMV_MAX_ROWS): x's digits once per call (their k-tiles split between the
+// threads), then every 8-row tile of every weight
+AMXI void grace_amx_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, const uint16_t *const *ss,
+                                   void *const *ys, const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs,
+                                   int nt, int yb) {
+    int shift[AMX_GEMV_MAX_ROWS];
+    if (M > AMX_GEMV_MAX_ROWS || !amx_shifts(x, M, K, shift)) {
+        grace_gemv_int8_many(x, qs, ss, ys, Ns, count, M, K, gs, nt, yb);
+        return;
+    }
+    int64_t first[MANY_MAX + 1], tiles = tile_table(Ns, count, first), ktiles = K / 64;
+    int8_t *xd = (int8_t *)aligned_alloc(64, (size_t)(ktiles * 16 * 16 * M));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < ktiles; t++) amx_digit_tile(x, shift, M, K, t, xd);
+        amx_gemv_begin(M);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            int w = weight_of(first, t);
+            int64_t N = Ns[w], b = t - first[w];
+#define AMX_I8_CALL(T) amx_int8_tile(xd, shift, qs[w], ss[w], ys[w], yb, N, K, gs, b, T)
+            FOR_M(M, AMX_I8_CALL);
+        }
+        amx_end();
+    }
+    free(xd);
+}
+void grace_amx_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N,
+                         int64_t K, int64_t gs, int nt, int yb) {
+    grace_amx_gemv_int8_many(x, &q, &s, &y, &N, 1, M, K, gs, nt, yb);
 }
 #else
 int grace_amx_ready(void) { return 0; }

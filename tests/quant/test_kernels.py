@@ -110,7 +110,7 @@ def test_the_row_thresholds_pick_the_kernel(monkeypatch):
 def test_on_amx_the_amx_gemm_takes_every_row_count_above_the_gemvs(monkeypatch):
     lib = kernels.library()
     calls = []
-    for name in ["grace_gemv_int4", "grace_amx_gemm_int4", "grace_gemv_int8", "grace_amx_gemm_int8"]:
+    for name in ["grace_gemv_int4", "grace_amx_gemm_int4", "grace_amx_gemv_int8", "grace_amx_gemm_int8"]:
         real = getattr(lib, name)
         monkeypatch.setattr(lib, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     m8, m4 = int8_module(256, 64, 128), int4_module(256, 64, 128)
@@ -120,7 +120,48 @@ def test_on_amx_the_amx_gemm_takes_every_row_count_above_the_gemvs(monkeypatch):
         kernels.linear_int4(torch.randn(rows, 256).to(torch.bfloat16), m4.weight_packed, m4.scales_and_zeros, 128, 64)
     for rows in (limit8, limit8 + 1, 16, 300):
         kernels.linear_int8(torch.randn(rows, 256).to(torch.bfloat16), m8.qweight, m8.scales, 128, 64)
-    assert calls == ["grace_gemv_int4"] + ["grace_amx_gemm_int4"] * 2 + ["grace_gemv_int8"] + ["grace_amx_gemm_int8"] * 3
+    assert calls == ["grace_gemv_int4"] + ["grace_amx_gemm_int4"] * 2 + ["grace_amx_gemv_int8"] + ["grace_amx_gemm_int8"] * 3
+
+
+def _amx_gemv_int8(x, module, dtype=torch.float32):
+    n, k = module.out_features, module.in_features
+    y = torch.empty(x.shape[0], n, dtype=dtype)
+    kernels.library().grace_amx_gemv_int8(x.data_ptr(), module.qweight.data_ptr(), module.scales.data_ptr(),
+                                          y.data_ptr(), x.shape[0], n, k, module.group_size, 2, dtype is torch.bfloat16)
+    return y
+
+
+@needs_amx
+@pytest.mark.parametrize("in_f,out_f,group", SHAPES + [(256, 64, 64), (384, 16, 192), (1024, 16, 512), (2048, 136, 128)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_the_amx_int8_gemv_is_the_exact_group_wise_product(in_f, out_f, group, rows):
+    """Integer digits of x against the codes: exact sums, one fp32 rounding per group, so closer to the exact
+    product than the fp32 GEMV (rel ~5e-8), at any magnitude of x, denormals and a 1e6x outlier included."""
+    m8 = int8_module(in_f, out_f, group, seed=rows)
+    want = lambda x: x.double() @ exact_group_weight(m8).t()   # noqa: E731
+    for scale in (1e-38, 1e-20, 1.0, 1e4, 1e25):
+        x = (torch.randn(rows, in_f) * scale).to(torch.bfloat16)
+        x[-1, 3] = 1e6 * scale                                   # an outlier: the other x keep their bits
+        assert rel(_amx_gemv_int8(x, m8), want(x)) < 2e-7, scale
+    y = _amx_gemv_int8(x, m8, torch.bfloat16)
+    assert torch.equal(y, _amx_gemv_int8(x, m8).to(torch.bfloat16))
+
+
+@needs_amx
+def test_the_amx_int8_gemv_rows_are_independent_and_non_finite_x_stays_non_finite():
+    torch.manual_seed(3)
+    m8 = int8_module(512, 64, 128)
+    x = torch.randn(4, 512).to(torch.bfloat16)
+    x[1] *= 1e-3                                                 # rows of different scales share a call
+    one_by_one = torch.cat([_amx_gemv_int8(x[i:i + 1], m8) for i in range(4)])
+    for m in range(2, 5):
+        assert torch.equal(_amx_gemv_int8(x[:m], m8), one_by_one[:m])
+    assert torch.equal(_amx_gemv_int8(torch.zeros(1, 512, dtype=torch.bfloat16), m8), torch.zeros(1, 64))
+    x[0, 7] = float("inf")
+    x[2, 9] = float("nan")                                       # the AVX-512 GEMV takes such a call
+    y = _amx_gemv_int8(x, m8)
+    assert not y[0].isfinite().any() and y[2].isnan().all()
+    assert rel(y[1], x[1:2].double() @ exact_group_weight(m8).t()) < 1e-6
 
 
 @needs_kernels
