@@ -265,7 +265,9 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torc
 # - the pair GEMM above (grace_pair_gemm_*, up to the modules' KERNEL_MAX_ROWS): 32 output rows dequantized at a
 #   time into the dot product's pair layout and met by a 12 x 32 register-blocked kernel at the bf16 peak; at
 #   32-96 rows it leads the tile GEMM by 5-45 % and dequantize + oneDNN by 4-25 %.
-# Where the CPU has AMX (`amx()`), oneDNN's bf16 GEMM runs on it, 1.8-8x ahead of our AVX-512 GEMMs from 16 rows on
+# Where the CPU has AMX (`amx()`), the INT8 GEMV's rows go to the AMX INT8 GEMV (grace_amx_gemv_int8: x's integer
+# digits against the codes on the tile unit, 1.7-2x the AVX-512 INT8 GEMV on a 2-core AMX guest), and oneDNN's bf16
+# GEMM runs on it, 1.8-8x ahead of our AVX-512 GEMMs from 16 rows on
 # (bench/results/linear_kernels_amx_v18.json), and so do ours: above AMX_INT4_GEMV_MAX_ROWS / AMX_INT8_GEMV_MAX_ROWS
 # the AMX GEMM (grace_amx_gemm_*) takes every row count (a 2-core AMX guest, the kernels alone with cold weights in a
 # scratch run, not in bench/: at 4 rows the INT8 GEMV 0-11 % behind the AMX GEMM, at 5 the INT4 GEMV 10-27 %).
@@ -295,8 +297,9 @@ def gemv_max_rows(kind: str) -> int:
 
 
 def gemm_path(kind: str, rows: int) -> str:
-    """The kernel that takes `rows` activation rows of "int4" / "int8" weights: "gemv", "tile_gemm", "pair_gemm",
-    "amx_gemm" or, on the AVX2 build, "dequantize" (into this thread's bf16 buffer, then torch's GEMM)."""
+    """The kernel that takes `rows` activation rows of "int4" / "int8" weights: "gemv", "amx_gemv" (INT8 on AMX),
+    "tile_gemm", "pair_gemm", "amx_gemm" or, on the AVX2 build, "dequantize" (into this thread's bf16 buffer, then
+    torch's GEMM)."""
     if rows <= gemv_max_rows(kind):
         return "amx_gemv" if _AMX and kind == "int8" else "gemv"
     if _ISA == "avx2":
@@ -362,9 +365,10 @@ def gemv_many(kind: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, torc
         lib.grace_gemv_bf16_many(x.data_ptr(), ptrs([w.data_ptr() for w, _, _ in weights]), ys, ns, count, k,
                                  _threads(), 1)
     else:
-        fn = getattr(lib, f"grace_{gemm_path(kind, x.numel() // k)}_{kind}_many")
+        m = x.numel() // k
+        fn = getattr(lib, f"grace_{gemm_path(kind, m)}_{kind}_many")
         fn(x.data_ptr(), ptrs([c.data_ptr() for c, _, _ in weights]), ptrs([q.data_ptr() for _, q, _ in weights]),
-           ys, ns, count, x.numel() // k, k, group_size, _threads(), 1)
+           ys, ns, count, m, k, group_size, _threads(), 1)
     return outs
 
 

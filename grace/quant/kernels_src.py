@@ -734,7 +734,7 @@ static inline void digits_x16(__m512 f, int shift, int8_t *row0, int64_t rowbyte
     _mm_storeu_si128((__m128i *)(row0 + 3 * rowbytes), _mm_unpackhi_epi64(t1, t3));
 }
 
-// the exponent shift of each row (30 - E); 0 where a row holds an infinity or NaN
+// the exponent shift of each row (30 - E) into shift; returns 0 (shifts unset) where a row holds an infinity or NaN
 static int amx_shifts(const uint16_t *x, int64_t M, int64_t K, int *shift) {
     for (int64_t m = 0; m < M; m++) {
         __m512i mx = _mm512_setzero_si512();
@@ -770,15 +770,14 @@ AMXI static void amx_gemv_begin(int64_t M) {
 }
 
 // one group's sums cb [8 weight rows][4 M] int32 into tot (the same layout in fp32, 2 M vectors):
-// tot += (cb * 2^(8 digit)) * the scale of its weight row; sc: the 8 rows' scales in lanes 0-7
-ALWAYS void amx_combine(const int32_t *cb, __m512 sc, __m512 *tot, const int MM) {
+// tot += (cb * 2^(8 digit)) * the scale of its weight row; sc: the 8 rows' scales in lanes 0-7, row[v]: each lane's
+// weight row in vector v
+ALWAYS void amx_combine(const int32_t *cb, __m512 sc, __m512 *tot, const __m512i *row, const int MM) {
     const __m512 dw = _mm512_setr_ps(1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f,
                                      1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f);
     for (int v = 0; v < 2 * MM; v++) {
-        int32_t l[16];
-        for (int j = 0; j < 16; j++) l[j] = (16 * v + j) / (4 * MM);      // lane -> weight row (constants at -O3)
         __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cb + 16 * v)), dw);
-        tot[v] = _mm512_fmadd_ps(c, _mm512_permutexvar_ps(_mm512_loadu_si512(l), sc), tot[v]);
+        tot[v] = _mm512_fmadd_ps(c, _mm512_permutexvar_ps(row[v], sc), tot[v]);
     }
 }
 
@@ -799,7 +798,13 @@ AMXI ALWAYS void amx_int8_tile(const int8_t *xd, const int *shift, const int8_t 
     __attribute__((aligned(64))) int32_t cb[8 * 16];
     __attribute__((aligned(64))) float out[8 * 16];
     __m512 tot[8];
-    for (int v = 0; v < 2 * MM; v++) tot[v] = _mm512_setzero_ps();
+    __m512i row[8];                   // lane -> weight row, once per tile (amx_combine runs once per group)
+    for (int v = 0; v < 2 * MM; v++) {
+        int32_t l[16];
+        for (int j = 0; j < 16; j++) l[j] = (16 * v + j) / (4 * MM);
+        row[v] = _mm512_loadu_si512(l);
+        tot[v] = _mm512_setzero_ps();
+    }
     int64_t G = K / gs, rowbytes = 16 * MM;
     for (int64_t g = 0; g <= G; g++) {
         if (g < G) {
@@ -816,7 +821,7 @@ AMXI ALWAYS void amx_int8_tile(const int8_t *xd, const int *shift, const int8_t 
             AMX_PARITY(h & 1, AMX_STORE);
             __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                 _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(s + (b * G + h) * 8)))), 16));
-            amx_combine(cb, sc, tot, MM);
+            amx_combine(cb, sc, tot, row, MM);
         }
     }
     // y[m, n] = (row m's four digit sums, highest first) * 2^-shift
