@@ -22,7 +22,7 @@ grace.quantize_(model, _util.bench_config(bits)) and grace.quant.head.quantize_h
 --new-tokens; a logits processor stamps each step, so one call gives prefill (start → first logits)
 and decode per token (first → last logits). Variants interleave within every round; medians.
 Roofline: bytes of weights a decode step must read (decoder linears + lm_head as held, the rest of
-the language model is < 1 MB per token) / the measured read bandwidth. Writes bench/results/decode.json.
+the language model is < 1 MB per token) / the measured read bandwidth (bench/read_bandwidth.py). Writes bench/results/decode.json.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from grace.quant.bf16 import FastBF16Linear  # noqa: E402
 from grace.quant.head import quantize_head_  # noqa: E402
 from grace.quant.quantize import replace_module  # noqa: E402
 from grace.tiny import qwen3vl_2b_config  # noqa: E402
-from linear_kernels import read_bandwidth  # noqa: E402
+from read_bandwidth import read_bandwidth  # noqa: E402
 
 PAD = 151_643
 VARIANTS = ("bf16_torch", "bf16_no_onednn", "bf16_grace_linears", "bf16_grace", "int8", "int8_head8", "int4", "int4_head8", "int4_head4")

@@ -14,8 +14,9 @@ lm_head 2048→151936) and each number of rows M, all variants are timed interle
             (qint8, qint4): each only if installed (optional bench dependencies)
 
 Weights are cold as in real decode: each variant rotates over copies of its weights totalling at
-least 256 MB (> the 32 MB L3), so every call reads them from DRAM. The read bandwidth is measured
-(best of 5 sums of a 1 GiB fp32 tensor, before and after) and each time is also given as a share
+least 256 MB (> the 32-105 MB L3 of the machines we ran), so every call reads them from DRAM. The read
+bandwidth is measured before and after (bench/read_bandwidth.py: the fastest of a 1 GiB fp32 sum and a C
+loop reading 1, 4 or 8 streams per thread) and each time is also given as a share
 of it (bytes the variant must read / time / bandwidth). At M = 1 a second reference is timed in the
 same rounds: a plain streaming read (a byte max) of the very bf16 / INT8 / INT4 weight copies our
 kernels read, so "% of read" is against what those bytes, that cold, in that round, can give. The
@@ -48,6 +49,7 @@ from grace.quant import int4 as q4  # noqa: E402
 from grace.quant import int8 as q8  # noqa: E402
 from grace.quant import kernels  # noqa: E402
 from grace.quant.bf16 import fast_bf16_linears_  # noqa: E402
+from read_bandwidth import read_bandwidth_detail  # noqa: E402
 
 SHAPES = [(2048, 2048), (2048, 1024), (2048, 6144), (6144, 2048)]
 HEAD = (2048, 151_936)
@@ -64,21 +66,6 @@ LABEL = {"bf16_onednn": "bf16 F.linear (oneDNN)", "bf16_no_onednn": "bf16 F.line
          "ao_int8": "torchao int8", "ao_int4": "torchao int4", "quanto_qint8": "quanto qint8", "quanto_qint4": "quanto qint4",
          "read_bf16": "plain read of the bf16 weights", "read_int8": "plain read of the INT8 codes",
          "read_int4": "plain read of the INT4 codes"}
-
-
-def read_bandwidth() -> float:
-    """GB/s of a multi-threaded fp32 sum over 1 GiB (best of 5)."""
-    a = torch.ones(1 << 28)
-    a.sum()
-    best = min(_timed(a.sum) for _ in range(5))
-    del a
-    return (1 << 30) / best / 1e9
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def copies_for(nbytes: int) -> int:
@@ -258,7 +245,7 @@ def _forced(module, limit, mod, x):
 # -- report ---------------------------------------------------------------------------------------------
 
 def pct(row, name, bandwidth) -> str:
-    """The share of the run's 1 GiB-sum bandwidth, and where timed (M = 1) of the same round's read of the weights."""
+    """The share of the run's read bandwidth, and where timed (M = 1) of the same round's read of the weights."""
     share = f"{row['bytes'][name] / row['time'][name]['median_s'] / 1e9 / bandwidth * 100:.0f}%"
     if name in row.get("share_of_read", {}):
         share += f" · {row['share_of_read'][name] * 100:.0f}% of read"
@@ -381,7 +368,7 @@ def main(argv=None) -> dict:
     shapes = SHAPES[2:3] if args.quick else SHAPES + ([] if args.no_head else [HEAD])
     rounds = args.rounds or (3 if args.quick else 7)
     print(f"machine: {U.machine_line(info)}; kernels available: {kernels.available()}", file=sys.stderr)
-    before = read_bandwidth()
+    before = read_bandwidth_detail()
     res = {"name": "linear_kernels", "quick": args.quick, "machine": info, "kernels_available": kernels.available(),
            "thresholds": {"amx": kernels.amx(), "int8.KERNEL_MAX_ROWS": q8.KERNEL_MAX_ROWS,
                           "int4.KERNEL_MAX_ROWS": q4.KERNEL_MAX_ROWS, "bf16 GEMV rows": qb.kernel_max_rows(),
@@ -391,8 +378,9 @@ def main(argv=None) -> dict:
            "rows": []}
     for k, n in shapes:
         res["rows"] += measure_shape(k, n, [m for m in ms if (k, n) != HEAD or m <= 16], rounds)
-    after = read_bandwidth()
-    res |= {"bandwidth_before": before, "bandwidth_after": after, "bandwidth_gbs": max(before, after)}
+    after = read_bandwidth_detail()
+    res |= {"bandwidth_before": before["gbs"], "bandwidth_after": after["gbs"],
+            "bandwidth_gbs": max(before["gbs"], after["gbs"]), "bandwidth_readers": {"before": before, "after": after}}
     res["markdown"] = render(res)
     print(res["markdown"])
     if not args.no_write:

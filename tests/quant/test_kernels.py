@@ -123,16 +123,18 @@ def test_on_amx_the_amx_gemm_takes_every_row_count_above_the_gemvs(monkeypatch):
     assert calls == ["grace_gemv_int4"] + ["grace_amx_gemm_int4"] * 2 + ["grace_amx_gemv_int8"] + ["grace_amx_gemm_int8"] * 3
 
 
-def _amx_gemv_int8(x, module, dtype=torch.float32):
+def _amx_gemv_int8(x, module, dtype=torch.float32, threads=2):
     n, k = module.out_features, module.in_features
     y = torch.empty(x.shape[0], n, dtype=dtype)
     kernels.library().grace_amx_gemv_int8(x.data_ptr(), module.qweight.data_ptr(), module.scales.data_ptr(),
-                                          y.data_ptr(), x.shape[0], n, k, module.group_size, 2, dtype is torch.bfloat16)
+                                          y.data_ptr(), x.shape[0], n, k, module.group_size, threads,
+                                          dtype is torch.bfloat16)
     return y
 
 
 @needs_amx
-@pytest.mark.parametrize("in_f,out_f,group", SHAPES + [(256, 64, 64), (384, 16, 192), (1024, 16, 512), (2048, 136, 128)])
+@pytest.mark.parametrize("in_f,out_f,group", SHAPES + [(256, 64, 64), (384, 16, 192), (1024, 16, 512), (2048, 136, 128),
+                                                    (512, 520, 128), (512, 520, 64)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_the_amx_int8_gemv_is_the_exact_group_wise_product(in_f, out_f, group, rows):
     """Integer digits of x against the codes: exact sums, one fp32 rounding per group, so closer to the exact
@@ -145,6 +147,21 @@ def test_the_amx_int8_gemv_is_the_exact_group_wise_product(in_f, out_f, group, r
         assert rel(_amx_gemv_int8(x, m8), want(x)) < 2e-7, scale
     y = _amx_gemv_int8(x, m8, torch.bfloat16)
     assert torch.equal(y, _amx_gemv_int8(x, m8).to(torch.bfloat16))
+
+
+@needs_amx
+@pytest.mark.parametrize("group", [64, 128, 256])
+def test_the_amx_int8_gemv_gives_the_same_bits_at_any_thread_count(group):
+    """The thread count sets how many tiles share one pass (their digit tiles loaded once: 8, 4 or 1 of the
+    65 tiles here, a last pass shorter); a tile's sums are the same whichever tiles it shares a pass with."""
+    torch.manual_seed(group)
+    m8 = int8_module(512, 520, group)
+    x = torch.randn(3, 512).to(torch.bfloat16)
+    for rows in (1, 3):
+        alone = _amx_gemv_int8(x[:rows], m8, threads=1)
+        assert rel(alone, x[:rows].double() @ exact_group_weight(m8).t()) < 2e-7
+        for threads in (2, 5, 8, 40):
+            assert torch.equal(_amx_gemv_int8(x[:rows], m8, threads=threads), alone), threads
 
 
 @needs_amx
