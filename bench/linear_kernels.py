@@ -32,7 +32,6 @@ import copy
 import itertools
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 

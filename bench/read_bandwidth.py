@@ -13,6 +13,7 @@ judged against the fastest of these, never against a slower one.
 from __future__ import annotations
 
 import ctypes
+import functools
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from grace.quant import kernels
 
 GIB = 1 << 30
 STREAMS = (1, 4, 8)
@@ -58,10 +61,11 @@ uint64_t grace_bench_read(const uint8_t *p, size_t bytes, int streams, int nt) {
 """
 
 
+@functools.cache              # built once per process: linear_kernels.py and decode.py read before and after
 def _c_reader():
-    """The C reader as a ctypes function, or None (no compiler, not x86-64 with AVX2, a failed build)."""
+    """The C reader as a ctypes function, or None (no compiler, a CPU without AVX2, a failed build)."""
     compiler = shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+    if not compiler or kernels.isa() not in ("avx512", "avx2"):     # either branch of grace's kernels has AVX2
         return None
     tmp = Path(tempfile.mkdtemp(prefix="grace_bw_"))
     try:

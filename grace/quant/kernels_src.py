@@ -32,12 +32,15 @@ static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 #define ATTN_MAX_GROUP 16
 #define FOR_M(MM, CALL) do { if ((MM) == 4) CALL(4); else if ((MM) == 3) CALL(3); else if ((MM) == 2) CALL(2); else CALL(1); } while (0)
 
-// a *_many call's tiles: weight w's N[w] / 8 tiles follow weight w-1's; first[w] is weight w's first tile
-static inline int64_t tile_table(const int64_t *Ns, int count, int64_t *first) {
+// a *_many call's batches of `per` tiles (a weight's last batch may be short): weight w's batches follow weight
+// w-1's; first[w] is weight w's first batch; returns the number of batches
+static inline int64_t batch_table(const int64_t *Ns, int count, int64_t per, int64_t *first) {
     first[0] = 0;
-    for (int w = 0; w < count; w++) first[w + 1] = first[w] + Ns[w] / 8;
+    for (int w = 0; w < count; w++) first[w + 1] = first[w] + (Ns[w] / 8 + per - 1) / per;
     return first[count];
 }
+// ... of single tiles: weight w's N[w] / 8 tiles follow weight w-1's
+static inline int64_t tile_table(const int64_t *Ns, int count, int64_t *first) { return batch_table(Ns, count, 1, first); }
 static inline int weight_of(const int64_t *first, int64_t t) {
     int w = 0;
     while (t >= first[w + 1]) w++;
@@ -858,13 +861,9 @@ AMXI void grace_amx_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, c
         return;
     }
     // tiles per batch: AMX_STREAMS, fewer where that would leave threads without two batches each
-    int64_t firstb[MANY_MAX + 1], ktiles = K / 64, tiles = 0;
-    for (int w = 0; w < count; w++) tiles += Ns[w] / 8;
-    int64_t S = tiles / (2 * (int64_t)nt);
+    int64_t firstb[MANY_MAX + 1], ktiles = K / 64, S = tile_table(Ns, count, firstb) / (2 * (int64_t)nt);
     S = S < 1 ? 1 : S > AMX_STREAMS ? AMX_STREAMS : S;
-    firstb[0] = 0;                                            // each weight's batches of S tiles
-    for (int w = 0; w < count; w++) firstb[w + 1] = firstb[w] + (Ns[w] / 8 + S - 1) / S;
-    int64_t batches = firstb[count];
+    int64_t batches = batch_table(Ns, count, S, firstb);
     int8_t *xd = (int8_t *)aligned_alloc(64, (size_t)(ktiles * 16 * 16 * M));
 #pragma omp parallel num_threads(nt)
     {
