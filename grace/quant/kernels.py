@@ -87,7 +87,7 @@ _SIGNATURES = {
     "grace_gemv_int8": _GEMV, "grace_gemv_int4": _GEMV, "grace_gemv_int8_many": _MANY, "grace_gemv_int4_many": _MANY,
     "grace_tile_gemm_int8": _GEMV, "grace_pair_gemm_int8": _GEMV, "grace_pair_gemm_int4": _GEMV,
     "grace_amx_gemm_int8": _GEMV, "grace_amx_gemm_int4": _GEMV, "grace_amx_gemv_int8": _GEMV,
-    "grace_amx_gemv_int8_many": _MANY,
+    "grace_amx_gemv_int4": _GEMV, "grace_amx_gemv_int8_many": _MANY, "grace_amx_gemv_int4_many": _MANY,
     "grace_dequant_int8": _DEQUANT, "grace_dequant_int4": _DEQUANT,
     "grace_attention_decode": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _F, _T],
     "grace_rms_norm": [_P, _P, _P, _I, _I, _F],
@@ -265,8 +265,9 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torc
 # - the pair GEMM above (grace_pair_gemm_*, up to the modules' KERNEL_MAX_ROWS): 32 output rows dequantized at a
 #   time into the dot product's pair layout and met by a 12 x 32 register-blocked kernel at the bf16 peak; at
 #   32-96 rows it leads the tile GEMM by 5-45 % and dequantize + oneDNN by 4-25 %.
-# Where the CPU has AMX (`amx()`), the INT8 GEMV's rows go to the AMX INT8 GEMV (grace_amx_gemv_int8: x's integer
-# digits against the codes on the tile unit, 1.7-2x the AVX-512 INT8 GEMV on a 2-core AMX guest), and oneDNN's bf16
+# Where the CPU has AMX (`amx()`), the GEMVs' rows go to the AMX GEMVs (grace_amx_gemv_*: x's integer digits against
+# the codes on the tile unit; on a 2-core AMX guest INT8 1.7-2x the AVX-512 INT8 GEMV, INT4 1.0-1.2x the AVX-512
+# INT4 GEMV at one row and 1.9x at four, cold weights), and oneDNN's bf16
 # GEMM runs on it, 1.8-8x ahead of our AVX-512 GEMMs from 16 rows on
 # (bench/results/linear_kernels_amx_v18.json), and so do ours: above AMX_INT4_GEMV_MAX_ROWS / AMX_INT8_GEMV_MAX_ROWS
 # the AMX GEMM (grace_amx_gemm_*) takes every row count (a 2-core AMX guest, the kernels alone with cold weights in a
@@ -297,11 +298,11 @@ def gemv_max_rows(kind: str) -> int:
 
 
 def gemm_path(kind: str, rows: int) -> str:
-    """The kernel that takes `rows` activation rows of "int4" / "int8" weights: "gemv", "amx_gemv" (INT8 on AMX),
+    """The kernel that takes `rows` activation rows of "int4" / "int8" weights: "gemv", "amx_gemv" (on AMX),
     "tile_gemm", "pair_gemm", "amx_gemm" or, on the AVX2 build, "dequantize" (into this thread's bf16 buffer, then
     torch's GEMM)."""
     if rows <= gemv_max_rows(kind):
-        return "amx_gemv" if _AMX and kind == "int8" else "gemv"
+        return "amx_gemv" if _AMX else "gemv"
     if _ISA == "avx2":
         return "dequantize"
     if _AMX:

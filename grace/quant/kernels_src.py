@@ -4,7 +4,7 @@ Kept in a .py file so it ships inside the package with no package-data configura
 """
 
 # bumped whenever a kernel's signature or behaviour changes; kernels.py loads only a library that reports it
-VERSION = 22
+VERSION = 23
 
 SOURCE = f"#define GRACE_KERNELS_VERSION {VERSION}\n" + r"""
 // GRACE CPU kernels (compiled at first use by grace/quant/kernels.py; AVX-512 with BF16 dot products).
@@ -711,9 +711,8 @@ void grace_amx_gemm_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz
 // group's digit sums are scaled by 2^8i (exact) and by the group's scale in one fp32 fma, so the error is of the
 // fp32 kind (~1e-7 relative, below the AVX-512 GEMV's), not bf16's. On a 2-core AMX guest whose bf16 dot products
 // run at 0.4 a cycle the AVX-512 INT8 GEMV was bound by its int8 -> bf16 conversions (12-13 GB/s with DRAM at 18+);
-// this one moved 16-28 GB/s on the 2B shapes. (The same scheme for INT4, its nibbles unpacked to bytes in L1 first,
-// ran at 0.8x the AVX-512 INT4 GEMV there, so INT4 stays on that.) x with an infinity or NaN takes the AVX-512 GEMV,
-// whose result is NaN / inf as torch's would be.
+// this one moved 16-28 GB/s on the 2B shapes (warm; cold, see amx_int8_tiles). x with an infinity or NaN takes the
+// AVX-512 GEMV, whose result is NaN / inf as torch's would be (so does the AMX INT4 GEMV below).
 #define AMXI __attribute__((target("amx-tile,amx-int8")))
 #define AMX_GEMV_MAX_ROWS 4     // kernels.AMX_INT8_GEMV_MAX_ROWS at most: 4 rows x 4 digits fill a tile's 16 columns
 
@@ -884,6 +883,198 @@ AMXI void grace_amx_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, c
 void grace_amx_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, void *y, int64_t M, int64_t N,
                          int64_t K, int64_t gs, int nt, int yb) {
     grace_amx_gemv_int8_many(x, &q, &s, &y, &N, 1, M, K, gs, nt, yb);
+}
+
+// ---- INT4, a few rows (decode) on AMX's integer unit: the INT8 GEMV's scheme above (x as four exact 8-bit digits,
+// code x digit sums exact in int32), the nibbles unpacked to bytes in L1 first. A 64-byte row chunk's low nibbles
+// are its even columns in order and its high nibbles its odd ones, so one and (and a shift) make each of the two
+// A-operand rows, met by the digits of x's even and of its odd columns. W = (c - 8) s + z, so per group
+// sum W x = s sum c x + (z - 8 s) sum x, with sum x summed exactly from the same integers X; the error is again of
+// the fp32 kind (~1e-7 relative; the AVX-512 INT4 GEMV's 128 + c trick: ~3e-6). On the 2-core AMX guest a tile
+// load or dot product costs about the same for 1 as for 16 A rows (~8-11 ns and ~17 ns), so an A tile holds 16
+// weight rows: two neighbouring 8-row tiles ("a pair"). Against the AVX-512 INT4 GEMV there (cold weights,
+// 2 threads): 1.0-1.2x at one row, 1.1x at two, 1.9x at four.
+#define I4_LEAD 2             // steps between a step's unpacking and its dot products (4 buffers)
+#define I4_BUFS 4
+#define I4_L1_AHEAD 2         // codes prefetched into L1 this many steps before they are unpacked
+#define I4_L2_AHEAD 16384     // ... and into L2 this many bytes ahead in each of a batch's streams
+
+AMXI static void amx_gemv4_begin(int64_t M) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) {        // 0-1: sums [16 weight rows][M rows][4 digits]; 2-3: codes; 4-5: digits
+        c.rows[t] = 16;
+        c.colsb[t] = t == 2 || t == 3 ? 64 : (uint16_t)(16 * M);
+    }
+    _tile_loadconfig(&c);
+}
+
+// chunk c (128 columns) of every row into xd (amx_digit_tile's layout): its even columns are k-tile 2c, its odd
+// ones k-tile 2c + 1; sxt[t * M + m] := the sum of row m's integers X over k-tile t (below 2^37: exact in double)
+static inline void amx_digit_chunk_int4(const uint16_t *x, const int *shift, int64_t M, int64_t K, int64_t c,
+                                        int8_t *xd, double *sxt) {
+    int64_t rowbytes = 16 * M;
+    for (int64_t m = 0; m < M; m++) {
+        __m512d sum[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+        for (int u = 0; u < 4; u++) {
+            __m512i v = _mm512_loadu_si512(x + m * K + c * 128 + 32 * u);       // 16 (even, odd) column pairs
+            __m512 f[2] = {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+                           _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)))};
+            for (int h = 0; h < 2; h++) {
+                digits_x16(f[h], shift[m], xd + ((2 * c + h) * 16 + 4 * u) * rowbytes + 16 * m, rowbytes);
+                __m512i X = _mm512_cvtps_epi32(_mm512_scalef_ps(f[h], _mm512_set1_ps((float)shift[m])));
+                sum[h] = _mm512_add_pd(sum[h], _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(X)),
+                                                             _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(X, 1))));
+            }
+        }
+        for (int h = 0; h < 2; h++) sxt[(2 * c + h) * M + m] = _mm512_reduce_add_pd(sum[h]);
+    }
+}
+
+// one 128-column chunk of the 8-row tiles at t0 and t1 (NULL: rows 8-15 keep what they held, their sums are
+// dropped) as bytes: ab[0] its even columns, ab[1] its odd ones, 16 rows of 64
+static inline void int4_unpack_pair(const uint8_t *t0, const uint8_t *t1, uint8_t (*ab)[16][64]) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int h = 0; h < 2 && (h == 0 || t1); h++)
+        for (int r = 0; r < 8; r++) {
+            __m512i v = _mm512_loadu_si512((h ? t1 : t0) + 64 * r);
+            _mm512_store_si512(ab[0][8 * h + r], _mm512_and_si512(v, low));
+            _mm512_store_si512(ab[1][8 * h + r], _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+        }
+}
+
+#define I4_KTILES(T) do {                                                                                   \
+        _tile_loadd(2, ab[0], 64); if (fresh) _tile_loadd(4, xd + 2 * c * 16 * rowbytes, rowbytes); _tile_dpbssd(T, 2, 4); \
+        _tile_loadd(3, ab[1], 64); if (fresh) _tile_loadd(5, xd + (2 * c + 1) * 16 * rowbytes, rowbytes); _tile_dpbssd(T, 3, 5); \
+    } while (0)
+
+// the 8-row tiles b0 .. b0 + tiles - 1 in pairs, group by group ("units": one group of one pair), the pairs of a
+// group sharing its digit tiles (groups of 128 columns), as amx_int8_tiles. A unit is one "step" per chunk of its
+// group; a step's codes are unpacked I4_LEAD steps before its dot products (a tile load waits until the stores to
+// its lines complete: unpacked just before, the two ran one after the other, 1.2x slower). Sums are stored and
+// combined one unit late. Each pair's groups are combined in order and every activation row's lanes see the same
+// operations in the same order at any M and batch, so a row gets the same bits alone or beside others.
+AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const double *sxt, const int *shift, const uint8_t *p,
+                                const uint16_t *sz, void *y, int yb, int64_t N, int64_t K, int64_t gs, int64_t b0,
+                                int tiles, const int MM) {
+    __attribute__((aligned(64))) int32_t cb[16 * 16];
+    __attribute__((aligned(64))) float out[16 * 16], offs[4][16];
+    __attribute__((aligned(64))) uint8_t abuf[I4_BUFS][2][16][64];
+    __m512 tot[AMX_STREAMS][16], off[AMX_STREAMS][4];   // digit sums [16 rows][M][4]; offset terms [M][16 rows]
+    __m512i row[16];
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512 dw = _mm512_setr_ps(1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f,
+                                     1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f);
+    int S = (tiles + 1) / 2;
+    for (int v = 0; v < 4 * MM; v++) {
+        int32_t l[16];
+        for (int j = 0; j < 16; j++) l[j] = (16 * v + j) / (4 * MM);
+        row[v] = _mm512_loadu_si512(l);
+        for (int i = 0; i < S; i++) tot[i][v] = _mm512_setzero_ps();
+    }
+    for (int i = 0; i < S; i++)
+        for (int m = 0; m < MM; m++) off[i][m] = _mm512_setzero_ps();
+    int64_t C = K / 128, G = K / gs, cpg = gs / 128, rowbytes = 16 * MM, steps = G * S * cpg;
+#define I4_CODES(s) (p + (b0 + 2 * (((s) / cpg) % S)) * C * 512 + ((s) / cpg / S * cpg + (s) % cpg) * 512)
+#define I4_HAS_T1(s) (2 * (((s) / cpg) % S) + 1 < tiles)
+    for (int64_t s = 0; s <= steps + I4_LEAD; s++) {
+        if (s < steps) {                                     // unpack step s
+            const uint8_t *t0 = I4_CODES(s), *t1 = I4_HAS_T1(s) ? t0 + C * 512 : NULL;
+            for (int o = 0; o < 512; o += 64) {
+                _mm_prefetch((const char *)(t0 + I4_L2_AHEAD + o), _MM_HINT_T1);
+                if (t1) _mm_prefetch((const char *)(t1 + I4_L2_AHEAD + o), _MM_HINT_T1);
+            }
+            if (s + I4_L1_AHEAD < steps) {
+                const uint8_t *n0 = I4_CODES(s + I4_L1_AHEAD);
+                for (int o = 0; o < 512; o += 64) {
+                    _mm_prefetch((const char *)(n0 + o), _MM_HINT_T0);
+                    if (I4_HAS_T1(s + I4_L1_AHEAD)) _mm_prefetch((const char *)(n0 + C * 512 + o), _MM_HINT_T0);
+                }
+            }
+            int4_unpack_pair(t0, t1, abuf[s % I4_BUFS]);
+        }
+        int64_t st = s - I4_LEAD, u = st / cpg;              // the dot products of step st (of unit u)
+        if (st < 0) continue;
+        if (st < steps) {
+            int64_t c = u / S * cpg + st % cpg;
+            uint8_t (*ab)[16][64] = abuf[st % I4_BUFS];
+            int fresh = gs > 128 || u % S == 0;
+            if (st % cpg == 0) AMX_PARITY(u & 1, AMX_ZERO);
+            AMX_PARITY(u & 1, I4_KTILES);
+            if (st % cpg != cpg - 1) continue;
+        }
+        if (u > 0) {                                         // unit u - 1 is complete: combine it
+            int64_t h = u - 1, g = h / S, i = h % S, b = b0 + 2 * i;
+            AMX_PARITY(h & 1, AMX_STORE);
+            // the 16 rows' scales and zeros (lanes 2r and 2r + 1 of each tile's 16 values)
+            __m512 p0 = bf16x16_to_ps(sz + (b * G + g) * 16);
+            __m512 p1 = 2 * i + 1 < tiles ? bf16x16_to_ps(sz + ((b + 1) * G + g) * 16) : _mm512_setzero_ps();
+            __m512 sc = _mm512_permutex2var_ps(p0, even, p1);
+            __m512 zc = _mm512_permutex2var_ps(p0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), p1);
+            __m512 zs = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc);                      // z - 8 s
+            for (int v = 0; v < 4 * MM; v++) {
+                __m512 cv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cb + 16 * v)), dw);
+                tot[i][v] = _mm512_fmadd_ps(cv, _mm512_permutexvar_ps(row[v], sc), tot[i][v]);
+            }
+            for (int m = 0; m < MM; m++) {
+                double sum = 0;
+                for (int64_t t = g * gs / 64; t < (g + 1) * gs / 64; t++) sum += sxt[t * MM + m];
+                off[i][m] = _mm512_fmadd_ps(zs, _mm512_set1_ps((float)sum), off[i][m]);
+            }
+        }
+    }
+#undef I4_CODES
+#undef I4_HAS_T1
+    // y[m, n] = ((row m's four digit sums, highest first) + its offset term) * 2^-shift
+    for (int i = 0; i < S; i++) {
+        for (int v = 0; v < 4 * MM; v++) _mm512_store_ps(out + 16 * v, tot[i][v]);
+        for (int m = 0; m < MM; m++) _mm512_store_ps(offs[m], off[i][m]);
+        for (int m = 0; m < MM; m++)
+            for (int r = 0; r < (2 * i + 1 < tiles ? 16 : 8); r++) {
+                const float *d = out + r * 4 * MM + 4 * m;
+                put(y, yb, m * N + (b0 + 2 * i) * 8 + r,
+                    ldexpf((((d[3] + d[2]) + d[1]) + d[0]) + offs[m][r], -shift[m]));
+            }
+    }
+}
+
+// as grace_gemv_int4_many (M <= AMX_GEMV_MAX_ROWS): x's digits once per call (its chunks split between the
+// threads), then every pair of 8-row tiles of every weight, up to AMX_STREAMS pairs a batch
+AMXI void grace_amx_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uint16_t *const *szs,
+                                   void *const *ys, const int64_t *Ns, int count, int64_t M, int64_t K, int64_t gs,
+                                   int nt, int yb) {
+    int shift[AMX_GEMV_MAX_ROWS];
+    if (M > AMX_GEMV_MAX_ROWS || !amx_shifts(x, M, K, shift)) {
+        grace_gemv_int4_many(x, ps, szs, ys, Ns, count, M, K, gs, nt, yb);
+        return;
+    }
+    // pairs per batch: AMX_STREAMS, fewer where that would leave threads without two batches each
+    int64_t firstb[MANY_MAX + 1], C = K / 128, S = tile_table(Ns, count, firstb) / (4 * (int64_t)nt);
+    S = S < 1 ? 1 : S > AMX_STREAMS ? AMX_STREAMS : S;
+    int64_t batches = batch_table(Ns, count, 2 * S, firstb);
+    int8_t *xd = (int8_t *)aligned_alloc(64, (size_t)(C * 2 * 16 * 16 * M));
+    double *sxt = (double *)malloc(sizeof(double) * C * 2 * M);
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < C; c++) amx_digit_chunk_int4(x, shift, M, K, c, xd, sxt);
+        amx_gemv4_begin(M);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < batches; i++) {
+            int w = weight_of(firstb, i);
+            int64_t N = Ns[w], b = (i - firstb[w]) * 2 * S, left = N / 8 - b;
+#define AMX_I4_CALL(T) amx_int4_tiles(xd, sxt, shift, ps[w], szs[w], ys[w], yb, N, K, gs, b, (int)(left < 2 * S ? left : 2 * S), T)
+            FOR_M(M, AMX_I4_CALL);
+        }
+        amx_end();
+    }
+    free(xd);
+    free(sxt);
+}
+void grace_amx_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N,
+                         int64_t K, int64_t gs, int nt, int yb) {
+    grace_amx_gemv_int4_many(x, &p, &sz, &y, &N, 1, M, K, gs, nt, yb);
 }
 #else
 int grace_amx_ready(void) { return 0; }
