@@ -890,7 +890,8 @@ void grace_amx_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, 
 // are its even columns in order and its high nibbles its odd ones, so one and (and a shift) make each of the two
 // A-operand rows, met by the digits of x's even and of its odd columns. W = (c - 8) s + z, so per group
 // sum W x = s sum c x + (z - 8 s) sum x, with sum x summed exactly from the same integers X; the error is again of
-// the fp32 kind (~1e-7 relative; the AVX-512 INT4 GEMV's 128 + c trick: ~3e-6). On the 2-core AMX guest a tile
+// the fp32 kind, ~1e-7 of the two terms' size (of y where x's groups have no large mean; the AVX-512 INT4 GEMV's
+// 128 + c trick: 3e-6, up to 1e-3 with denormal x). On the 2-core AMX guest a tile
 // load or dot product costs about the same for 1 as for 16 A rows (~8-11 ns and ~17 ns), so an A tile holds 16
 // weight rows: two neighbouring 8-row tiles ("a pair"). Against the AVX-512 INT4 GEMV there (cold weights,
 // 2 threads): 1.0-1.2x at one row, 1.1x at two, 1.9x at four.
@@ -932,8 +933,8 @@ static inline void amx_digit_chunk_int4(const uint16_t *x, const int *shift, int
     }
 }
 
-// one 128-column chunk of the 8-row tiles at t0 and t1 (NULL: rows 8-15 keep what they held, their sums are
-// dropped) as bytes: ab[0] its even columns, ab[1] its odd ones, 16 rows of 64
+// one 128-column chunk of the 8-row tiles at t0 and t1 (NULL: rows 8-15 keep what they held, zeros from the start
+// of the call; their sums are dropped) as bytes: ab[0] its even columns, ab[1] its odd ones, 16 rows of 64
 static inline void int4_unpack_pair(const uint8_t *t0, const uint8_t *t1, uint8_t (*ab)[16][64]) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int h = 0; h < 2 && (h == 0 || t1); h++)
@@ -961,6 +962,7 @@ AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const double *sxt, const int *
     __attribute__((aligned(64))) int32_t cb[16 * 16];
     __attribute__((aligned(64))) float out[16 * 16], offs[4][16];
     __attribute__((aligned(64))) uint8_t abuf[I4_BUFS][2][16][64];
+    memset(abuf, 0, sizeof abuf);
     __m512 tot[AMX_STREAMS][16], off[AMX_STREAMS][4];   // digit sums [16 rows][M][4]; offset terms [M][16 rows]
     __m512i row[16];
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
