@@ -771,13 +771,22 @@ AMXI static void amx_gemv_begin(int64_t M) {
     _tile_loadconfig(&c);
 }
 
-// one group's sums cb [8 weight rows][4 M] int32 into tot (the same layout in fp32, 2 M vectors):
-// tot += (cb * 2^(8 digit)) * the scale of its weight row; sc: the 8 rows' scales in lanes 0-7, row[v]: each lane's
-// weight row in vector v
-ALWAYS void amx_combine(const int32_t *cb, __m512 sc, __m512 *tot, const __m512i *row, const int MM) {
+// row[v] := each lane's weight row in vector v of sums laid out [weight rows][4 M] (4 digits of each of M rows)
+ALWAYS void amx_lane_rows(__m512i *row, int vectors, const int MM) {
+    for (int v = 0; v < vectors; v++) {
+        int32_t l[16];
+        for (int j = 0; j < 16; j++) l[j] = (16 * v + j) / (4 * MM);
+        row[v] = _mm512_loadu_si512(l);
+    }
+}
+
+// one group's sums cb [weight rows][4 M] int32 (`vectors` of them: 2 M for 8 rows, 4 M for 16) into tot (the same
+// layout in fp32): tot += (cb * 2^(8 digit)) * the scale of its weight row; sc: the rows' scales in lanes 0, 1, ...,
+// row: amx_lane_rows
+ALWAYS void amx_combine(const int32_t *cb, __m512 sc, __m512 *tot, const __m512i *row, const int vectors) {
     const __m512 dw = _mm512_setr_ps(1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f,
                                      1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f);
-    for (int v = 0; v < 2 * MM; v++) {
+    for (int v = 0; v < vectors; v++) {
         __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cb + 16 * v)), dw);
         tot[v] = _mm512_fmadd_ps(c, _mm512_permutexvar_ps(row[v], sc), tot[v]);
     }
@@ -807,12 +816,9 @@ AMXI ALWAYS void amx_int8_tiles(const int8_t *xd, const int *shift, const int8_t
     __attribute__((aligned(64))) float out[8 * 16];
     __m512 tot[AMX_STREAMS][8];
     __m512i row[8];                   // lane -> weight row, once per call (amx_combine runs once per unit)
-    for (int v = 0; v < 2 * MM; v++) {
-        int32_t l[16];
-        for (int j = 0; j < 16; j++) l[j] = (16 * v + j) / (4 * MM);
-        row[v] = _mm512_loadu_si512(l);
+    amx_lane_rows(row, 2 * MM, MM);
+    for (int v = 0; v < 2 * MM; v++)
         for (int i = 0; i < S; i++) tot[i][v] = _mm512_setzero_ps();
-    }
     int64_t G = K / gs, rowbytes = 16 * MM, units = G * S, ahead = L2_AHEAD_BYTES / S;
     for (int64_t u = 0; u <= units; u++) {
         if (u < units) {
@@ -835,7 +841,7 @@ AMXI ALWAYS void amx_int8_tiles(const int8_t *xd, const int *shift, const int8_t
             AMX_PARITY(h & 1, AMX_STORE);
             __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                 _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(s + (b * G + h / S) * 8)))), 16));
-            amx_combine(cb, sc, tot[h % S], row, MM);
+            amx_combine(cb, sc, tot[h % S], row, 2 * MM);
         }
     }
     // y[m, n] = (row m's four digit sums, highest first) * 2^-shift
@@ -849,6 +855,13 @@ AMXI ALWAYS void amx_int8_tiles(const int8_t *xd, const int *shift, const int8_t
     }
 }
 
+// how many of `units` (tiles, or pairs of tiles) one batch of the AMX GEMVs takes: AMX_STREAMS, fewer where that
+// would leave threads without two batches each
+static inline int64_t amx_batch(int64_t units, int nt) {
+    int64_t S = units / (2 * (int64_t)nt);
+    return S < 1 ? 1 : S > AMX_STREAMS ? AMX_STREAMS : S;
+}
+
 // as grace_gemv_int8_many (M <= AMX_GEMV_MAX_ROWS): x's digits once per call (their k-tiles split between the
 // threads), then every 8-row tile of every weight
 AMXI void grace_amx_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, const uint16_t *const *ss,
@@ -859,9 +872,7 @@ AMXI void grace_amx_gemv_int8_many(const uint16_t *x, const int8_t *const *qs, c
         grace_gemv_int8_many(x, qs, ss, ys, Ns, count, M, K, gs, nt, yb);
         return;
     }
-    // tiles per batch: AMX_STREAMS, fewer where that would leave threads without two batches each
-    int64_t firstb[MANY_MAX + 1], ktiles = K / 64, S = tile_table(Ns, count, firstb) / (2 * (int64_t)nt);
-    S = S < 1 ? 1 : S > AMX_STREAMS ? AMX_STREAMS : S;
+    int64_t firstb[MANY_MAX + 1], ktiles = K / 64, S = amx_batch(tile_table(Ns, count, firstb), nt);
     int64_t batches = batch_table(Ns, count, S, firstb);
     int8_t *xd = (int8_t *)aligned_alloc(64, (size_t)(ktiles * 16 * 16 * M));
 #pragma omp parallel num_threads(nt)
@@ -966,15 +977,10 @@ AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const double *sxt, const int *
     __m512 tot[AMX_STREAMS][16], off[AMX_STREAMS][4];   // digit sums [16 rows][M][4]; offset terms [M][16 rows]
     __m512i row[16];
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512 dw = _mm512_setr_ps(1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f,
-                                     1.f, 256.f, 65536.f, 16777216.f, 1.f, 256.f, 65536.f, 16777216.f);
     int S = (tiles + 1) / 2;
-    for (int v = 0; v < 4 * MM; v++) {
-        int32_t l[16];
-        for (int j = 0; j < 16; j++) l[j] = (16 * v + j) / (4 * MM);
-        row[v] = _mm512_loadu_si512(l);
+    amx_lane_rows(row, 4 * MM, MM);
+    for (int v = 0; v < 4 * MM; v++)
         for (int i = 0; i < S; i++) tot[i][v] = _mm512_setzero_ps();
-    }
     for (int i = 0; i < S; i++)
         for (int m = 0; m < MM; m++) off[i][m] = _mm512_setzero_ps();
     int64_t C = K / 128, G = K / gs, cpg = gs / 128, rowbytes = 16 * MM, steps = G * S * cpg;
@@ -1015,10 +1021,7 @@ AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const double *sxt, const int *
             __m512 sc = _mm512_permutex2var_ps(p0, even, p1);
             __m512 zc = _mm512_permutex2var_ps(p0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), p1);
             __m512 zs = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc);                      // z - 8 s
-            for (int v = 0; v < 4 * MM; v++) {
-                __m512 cv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cb + 16 * v)), dw);
-                tot[i][v] = _mm512_fmadd_ps(cv, _mm512_permutexvar_ps(row[v], sc), tot[i][v]);
-            }
+            amx_combine(cb, sc, tot[i], row, 4 * MM);
             for (int m = 0; m < MM; m++) {
                 double sum = 0;
                 for (int64_t t = g * gs / 64; t < (g + 1) * gs / 64; t++) sum += sxt[t * MM + m];
@@ -1051,9 +1054,7 @@ AMXI void grace_amx_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, 
         grace_gemv_int4_many(x, ps, szs, ys, Ns, count, M, K, gs, nt, yb);
         return;
     }
-    // pairs per batch: AMX_STREAMS, fewer where that would leave threads without two batches each
-    int64_t firstb[MANY_MAX + 1], C = K / 128, S = tile_table(Ns, count, firstb) / (4 * (int64_t)nt);
-    S = S < 1 ? 1 : S > AMX_STREAMS ? AMX_STREAMS : S;
+    int64_t firstb[MANY_MAX + 1], C = K / 128, S = amx_batch(tile_table(Ns, count, firstb) / 2, nt);
     int64_t batches = batch_table(Ns, count, 2 * S, firstb);
     int8_t *xd = (int8_t *)aligned_alloc(64, (size_t)(C * 2 * 16 * 16 * M));
     double *sxt = (double *)malloc(sizeof(double) * C * 2 * M);
