@@ -4,7 +4,7 @@ Kept in a .py file so it ships inside the package with no package-data configura
 """
 
 # bumped whenever a kernel's signature or behaviour changes; kernels.py loads only a library that reports it
-VERSION = 23
+VERSION = 24
 
 SOURCE = f"#define GRACE_KERNELS_VERSION {VERSION}\n" + r"""
 // GRACE CPU kernels (compiled at first use by grace/quant/kernels.py; AVX-512 with BF16 dot products).
@@ -945,92 +945,134 @@ static inline void amx_digit_chunk_int4(const uint16_t *x, const int *shift, int
 }
 
 // one 128-column chunk of the 8-row tiles at t0 and t1 (NULL: rows 8-15 keep what they held, zeros from the start
-// of the call; their sums are dropped) as bytes: ab[0] its even columns, ab[1] its odd ones, 16 rows of 64
+// of the call; their sums are dropped) as bytes: ab[0] its even columns, ab[1] its odd ones, 16 rows of 64. With
+// GFNI (every AMX CPU has it) the high nibbles come down in one affine op (bits 4-7 to 0-3, the rest cleared)
+// where a shift and an and take two: on the AMX guest 512-bit shifts issue once a cycle.
+static inline __m512i high_nibbles(__m512i v) {
+#ifdef __GFNI__
+    return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0);
+#else
+    return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
+#endif
+}
 static inline void int4_unpack_pair(const uint8_t *t0, const uint8_t *t1, uint8_t (*ab)[16][64]) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int h = 0; h < 2 && (h == 0 || t1); h++)
         for (int r = 0; r < 8; r++) {
             __m512i v = _mm512_loadu_si512((h ? t1 : t0) + 64 * r);
             _mm512_store_si512(ab[0][8 * h + r], _mm512_and_si512(v, low));
-            _mm512_store_si512(ab[1][8 * h + r], _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+            _mm512_store_si512(ab[1][8 * h + r], high_nibbles(v));
         }
+}
+
+// where one step of a batch is: pair `pair` (of S), chunk `cc` (of cpg) of group `group`; steps run pair by pair
+// within a group, chunk by chunk within a pair. Stepped by counting: the divisions it replaces (a dozen 64-bit ones a
+// step, S and cpg known only at run time) cost the GEMV 3-7 %.
+typedef struct { int64_t group, pair, cc; } i4_step;
+static inline void i4_advance(i4_step *q, int64_t cpg, int64_t S) {
+    if (++q->cc < cpg) return;
+    q->cc = 0;
+    if (++q->pair < S) return;
+    q->pair = 0;
+    q->group++;
+}
+static inline const uint8_t *i4_codes(const uint8_t *p, const i4_step *q, int64_t b0, int64_t C, int64_t cpg) {
+    return p + (b0 + 2 * q->pair) * C * 512 + (q->group * cpg + q->cc) * 512;
 }
 
 #define I4_KTILES(T) do {                                                                                   \
         _tile_loadd(2, ab[0], 64); if (fresh) _tile_loadd(4, xd + 2 * c * 16 * rowbytes, rowbytes); _tile_dpbssd(T, 2, 4); \
         _tile_loadd(3, ab[1], 64); if (fresh) _tile_loadd(5, xd + (2 * c + 1) * 16 * rowbytes, rowbytes); _tile_dpbssd(T, 3, 5); \
     } while (0)
+#define I4_STORE(T) _tile_stored(T, cbs[h & 1], rowbytes)
+
+// unit h's sums (stored in cbs[h & 1] one unit before) into the totals of its pair, with the offset term of its group
+ALWAYS void amx_int4_combine(const int32_t *cb, const double *sxt, const uint16_t *sz, __m512 *tot, __m512 *off,
+                             const __m512i *row, int64_t b, int64_t g, int64_t G, int64_t gs, int has_t1, const int MM) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    // the 16 rows' scales and zeros (lanes 2r and 2r + 1 of each tile's 16 values)
+    __m512 p0 = bf16x16_to_ps(sz + (b * G + g) * 16);
+    __m512 p1 = has_t1 ? bf16x16_to_ps(sz + ((b + 1) * G + g) * 16) : _mm512_setzero_ps();
+    __m512 sc = _mm512_permutex2var_ps(p0, even, p1);
+    __m512 zc = _mm512_permutex2var_ps(p0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), p1);
+    __m512 zs = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc);                      // z - 8 s
+    amx_combine(cb, sc, tot, row, 4 * MM);
+    for (int m = 0; m < MM; m++) {
+        double sum = 0;
+        for (int64_t t = g * gs / 64; t < (g + 1) * gs / 64; t++) sum += sxt[t * MM + m];
+        off[m] = _mm512_fmadd_ps(zs, _mm512_set1_ps((float)sum), off[m]);
+    }
+}
 
 // the 8-row tiles b0 .. b0 + tiles - 1 in pairs, group by group ("units": one group of one pair), the pairs of a
 // group sharing its digit tiles (groups of 128 columns), as amx_int8_tiles. A unit is one "step" per chunk of its
 // group; a step's codes are unpacked I4_LEAD steps before its dot products (a tile load waits until the stores to
-// its lines complete: unpacked just before, the two ran one after the other, 1.2x slower). Sums are stored and
-// combined one unit late. Each pair's groups are combined in order and every activation row's lanes see the same
+// its lines complete: unpacked just before, the two ran one after the other, 1.2x slower). A unit's sums are
+// stored one unit late and combined two units late: read back at once, the vector loads waited on the tile store
+// (5-10 % of the GEMV). Each pair's groups are combined in order and every activation row's lanes see the same
 // operations in the same order at any M and batch, so a row gets the same bits alone or beside others.
 AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const double *sxt, const int *shift, const uint8_t *p,
                                 const uint16_t *sz, void *y, int yb, int64_t N, int64_t K, int64_t gs, int64_t b0,
                                 int tiles, const int MM) {
-    __attribute__((aligned(64))) int32_t cb[16 * 16];
+    __attribute__((aligned(64))) int32_t cbs[2][16 * 16];
     __attribute__((aligned(64))) float out[16 * 16], offs[4][16];
     __attribute__((aligned(64))) uint8_t abuf[I4_BUFS][2][16][64];
     memset(abuf, 0, sizeof abuf);
     __m512 tot[AMX_STREAMS][16], off[AMX_STREAMS][4];   // digit sums [16 rows][M][4]; offset terms [M][16 rows]
     __m512i row[16];
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    int S = (tiles + 1) / 2;
+    int64_t S = (tiles + 1) / 2;
     amx_lane_rows(row, 4 * MM, MM);
     for (int v = 0; v < 4 * MM; v++)
         for (int i = 0; i < S; i++) tot[i][v] = _mm512_setzero_ps();
     for (int i = 0; i < S; i++)
         for (int m = 0; m < MM; m++) off[i][m] = _mm512_setzero_ps();
-    int64_t C = K / 128, G = K / gs, cpg = gs / 128, rowbytes = 16 * MM, steps = G * S * cpg;
-#define I4_CODES(s) (p + (b0 + 2 * (((s) / cpg) % S)) * C * 512 + ((s) / cpg / S * cpg + (s) % cpg) * 512)
-#define I4_HAS_T1(s) (2 * (((s) / cpg) % S) + 1 < tiles)
-    for (int64_t s = 0; s <= steps + I4_LEAD; s++) {
+    int64_t C = K / 128, G = K / gs, cpg = gs / 128, rowbytes = 16 * MM, steps = G * S * cpg, units = G * S;
+    i4_step unpack = {0, 0, 0}, ahead = {0, 0, 0}, dots = {0, 0, 0};
+    for (int64_t s = 0; s < I4_L1_AHEAD; s++) i4_advance(&ahead, cpg, S);
+#define I4_COMBINE(H) amx_int4_combine(cbs[(H) & 1], sxt, sz, tot[(H) % S], off[(H) % S], row, b0 + 2 * ((H) % S), \
+                                       (H) / S, G, gs, 2 * ((H) % S) + 1 < tiles, MM)
+    for (int64_t s = 0; s < steps + I4_LEAD; s++) {
         if (s < steps) {                                     // unpack step s
-            const uint8_t *t0 = I4_CODES(s), *t1 = I4_HAS_T1(s) ? t0 + C * 512 : NULL;
+            const uint8_t *t0 = i4_codes(p, &unpack, b0, C, cpg);
+            const uint8_t *t1 = 2 * unpack.pair + 1 < tiles ? t0 + C * 512 : NULL;
             for (int o = 0; o < 512; o += 64) {
                 _mm_prefetch((const char *)(t0 + I4_L2_AHEAD + o), _MM_HINT_T1);
                 if (t1) _mm_prefetch((const char *)(t1 + I4_L2_AHEAD + o), _MM_HINT_T1);
             }
             if (s + I4_L1_AHEAD < steps) {
-                const uint8_t *n0 = I4_CODES(s + I4_L1_AHEAD);
+                const uint8_t *n0 = i4_codes(p, &ahead, b0, C, cpg);
+                int n1 = 2 * ahead.pair + 1 < tiles;
                 for (int o = 0; o < 512; o += 64) {
                     _mm_prefetch((const char *)(n0 + o), _MM_HINT_T0);
-                    if (I4_HAS_T1(s + I4_L1_AHEAD)) _mm_prefetch((const char *)(n0 + C * 512 + o), _MM_HINT_T0);
+                    if (n1) _mm_prefetch((const char *)(n0 + C * 512 + o), _MM_HINT_T0);
                 }
+                i4_advance(&ahead, cpg, S);
             }
             int4_unpack_pair(t0, t1, abuf[s % I4_BUFS]);
+            i4_advance(&unpack, cpg, S);
         }
-        int64_t st = s - I4_LEAD, u = st / cpg;              // the dot products of step st (of unit u)
+        int64_t st = s - I4_LEAD;                            // the dot products of step st (of unit u)
         if (st < 0) continue;
-        if (st < steps) {
-            int64_t c = u / S * cpg + st % cpg;
-            uint8_t (*ab)[16][64] = abuf[st % I4_BUFS];
-            int fresh = gs > 128 || u % S == 0;
-            if (st % cpg == 0) AMX_PARITY(u & 1, AMX_ZERO);
-            AMX_PARITY(u & 1, I4_KTILES);
-            if (st % cpg != cpg - 1) continue;
-        }
-        if (u > 0) {                                         // unit u - 1 is complete: combine it
-            int64_t h = u - 1, g = h / S, i = h % S, b = b0 + 2 * i;
-            AMX_PARITY(h & 1, AMX_STORE);
-            // the 16 rows' scales and zeros (lanes 2r and 2r + 1 of each tile's 16 values)
-            __m512 p0 = bf16x16_to_ps(sz + (b * G + g) * 16);
-            __m512 p1 = 2 * i + 1 < tiles ? bf16x16_to_ps(sz + ((b + 1) * G + g) * 16) : _mm512_setzero_ps();
-            __m512 sc = _mm512_permutex2var_ps(p0, even, p1);
-            __m512 zc = _mm512_permutex2var_ps(p0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), p1);
-            __m512 zs = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc);                      // z - 8 s
-            amx_combine(cb, sc, tot[i], row, 4 * MM);
-            for (int m = 0; m < MM; m++) {
-                double sum = 0;
-                for (int64_t t = g * gs / 64; t < (g + 1) * gs / 64; t++) sum += sxt[t * MM + m];
-                off[i][m] = _mm512_fmadd_ps(zs, _mm512_set1_ps((float)sum), off[i][m]);
-            }
+        int64_t u = dots.group * S + dots.pair, c = dots.group * cpg + dots.cc;
+        uint8_t (*ab)[16][64] = abuf[st % I4_BUFS];
+        int fresh = gs > 128 || dots.pair == 0, complete = dots.cc == cpg - 1;
+        if (dots.cc == 0) AMX_PARITY(u & 1, AMX_ZERO);
+        AMX_PARITY(u & 1, I4_KTILES);
+        i4_advance(&dots, cpg, S);
+        if (!complete) continue;
+        if (u > 0) {                 // unit u is issued: store unit u - 1, combine unit u - 2 (stored one unit ago)
+            int64_t h = u - 1;
+            AMX_PARITY(h & 1, I4_STORE);
+            if (h > 0) I4_COMBINE(h - 1);
         }
     }
-#undef I4_CODES
-#undef I4_HAS_T1
+    {                                                        // the last unit: store it, combine the last two
+        int64_t h = units - 1;
+        AMX_PARITY(h & 1, I4_STORE);
+        if (h > 0) I4_COMBINE(h - 1);
+        I4_COMBINE(h);
+    }
+#undef I4_COMBINE
     // y[m, n] = ((row m's four digit sums, highest first) + its offset term) * 2^-shift
     for (int i = 0; i < S; i++) {
         for (int v = 0; v < 4 * MM; v++) _mm512_store_ps(out + 16 * v, tot[i][v]);
@@ -1043,7 +1085,6 @@ AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const double *sxt, const int *
             }
     }
 }
-
 // as grace_gemv_int4_many (M <= AMX_GEMV_MAX_ROWS): x's digits once per call (its chunks split between the
 // threads), then every pair of 8-row tiles of every weight, up to AMX_STREAMS pairs a batch
 AMXI void grace_amx_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, const uint16_t *const *szs,
