@@ -803,7 +803,7 @@ ALWAYS void amx_combine(const int32_t *cb, __m512 sc, __m512 *tot, const __m512i
 // the same order at any M and S, so a row gets the same bits alone or beside others, at any S.
 #define AMX_STREAMS 8
 #define AMX_PARITY(PAR, BODY) do { if (PAR) { BODY(1); } else { BODY(0); } } while (0)
-#define AMX_STORE(T) _tile_stored(T, cb, rowbytes)
+#define I8_STORE(T) _tile_stored(T, cbs[h & 1], rowbytes)
 #define AMX_ZERO(T) _tile_zero(T)
 #define I8_KTILE(T) do {                                                                                    \
         if (t & 1) { _tile_loadd(3, codes + j, gs); if (fresh) _tile_loadd(5, xd + t * 16 * rowbytes, rowbytes); _tile_dpbssd(T, 3, 5); } \
@@ -812,7 +812,7 @@ ALWAYS void amx_combine(const int32_t *cb, __m512 sc, __m512 *tot, const __m512i
 
 AMXI ALWAYS void amx_int8_tiles(const int8_t *xd, const int *shift, const int8_t *q, const uint16_t *s, void *y,
                                 int yb, int64_t N, int64_t K, int64_t gs, int64_t b0, int S, const int MM) {
-    __attribute__((aligned(64))) int32_t cb[8 * 16];
+    __attribute__((aligned(64))) int32_t cbs[2][8 * 16];
     __attribute__((aligned(64))) float out[8 * 16];
     __m512 tot[AMX_STREAMS][8];
     __m512i row[8];                   // lane -> weight row, once per call (amx_combine runs once per unit)
@@ -820,6 +820,9 @@ AMXI ALWAYS void amx_int8_tiles(const int8_t *xd, const int *shift, const int8_t
     for (int v = 0; v < 2 * MM; v++)
         for (int i = 0; i < S; i++) tot[i][v] = _mm512_setzero_ps();
     int64_t G = K / gs, rowbytes = 16 * MM, units = G * S, ahead = L2_AHEAD_BYTES / S;
+#define I8_COMBINE(H) amx_combine(cbs[(H) & 1], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(             \
+        _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(s + ((b0 + (H) % S) * G + (H) / S) * 8)))), 16)), \
+        tot[(H) % S], row, 2 * MM)
     for (int64_t u = 0; u <= units; u++) {
         if (u < units) {
             int64_t g = u / S;
@@ -836,14 +839,16 @@ AMXI ALWAYS void amx_int8_tiles(const int8_t *xd, const int *shift, const int8_t
                 AMX_PARITY(u & 1, I8_KTILE);
             }
         }
+        // unit u issued: store unit u - 1 and combine unit u - 2, stored one unit ago (read back at once, the
+        // vector loads waited on the tile store); after the last unit, store it and combine the last two
         if (u > 0) {
-            int64_t h = u - 1, b = b0 + h % S;
-            AMX_PARITY(h & 1, AMX_STORE);
-            __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(s + (b * G + h / S) * 8)))), 16));
-            amx_combine(cb, sc, tot[h % S], row, 2 * MM);
+            int64_t h = u - 1;
+            AMX_PARITY(h & 1, I8_STORE);
+            if (h > 0) I8_COMBINE(h - 1);
+            if (u == units) I8_COMBINE(h);
         }
     }
+#undef I8_COMBINE
     // y[m, n] = (row m's four digit sums, highest first) * 2^-shift
     for (int i = 0; i < S; i++) {
         for (int v = 0; v < 2 * MM; v++) _mm512_store_ps(out + 16 * v, tot[i][v]);
