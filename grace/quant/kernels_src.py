@@ -991,22 +991,20 @@ static inline const uint8_t *i4_codes(const uint8_t *p, const i4_step *q, int64_
     } while (0)
 #define I4_STORE(T) _tile_stored(T, cbs[h & 1], rowbytes)
 
-// unit h's sums (stored in cbs[h & 1] one unit before) into the totals of its pair, with the offset term of its group
-ALWAYS void amx_int4_combine(const int32_t *cb, const double *sxt, const uint16_t *sz, __m512 *tot, __m512 *off,
-                             const __m512i *row, int64_t b, int64_t g, int64_t G, int64_t gs, int has_t1, const int MM) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    // the 16 rows' scales and zeros (lanes 2r and 2r + 1 of each tile's 16 values)
-    __m512 p0 = bf16x16_to_ps(sz + (b * G + g) * 16);
-    __m512 p1 = has_t1 ? bf16x16_to_ps(sz + ((b + 1) * G + g) * 16) : _mm512_setzero_ps();
-    __m512 sc = _mm512_permutex2var_ps(p0, even, p1);
-    __m512 zc = _mm512_permutex2var_ps(p0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), p1);
+// unit h's sums (stored in cbs[h & 1] one unit before) into the totals of its pair, with the offset term of its
+// group; sxg[g * M + m]: row m's sum of X over group g
+ALWAYS void amx_int4_combine(const int32_t *cb, const float *sxg, const uint16_t *sz, __m512 *tot, __m512 *off,
+                             const __m512i *row, int64_t b, int64_t g, int64_t G, int has_t1, const int MM) {
+    // the 16 rows' (scale, zero) bf16 pairs, one per 32-bit lane (tile b's 8 rows, then tile b + 1's): a pair's
+    // scale is its low half, its zero the high one, each an fp32 once in place
+    __m256i q0 = _mm256_loadu_si256((const __m256i *)(sz + (b * G + g) * 16));
+    __m256i q1 = has_t1 ? _mm256_loadu_si256((const __m256i *)(sz + ((b + 1) * G + g) * 16)) : _mm256_setzero_si256();
+    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+    __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    __m512 zc = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
     __m512 zs = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc);                      // z - 8 s
     amx_combine(cb, sc, tot, row, 4 * MM);
-    for (int m = 0; m < MM; m++) {
-        double sum = 0;
-        for (int64_t t = g * gs / 64; t < (g + 1) * gs / 64; t++) sum += sxt[t * MM + m];
-        off[m] = _mm512_fmadd_ps(zs, _mm512_set1_ps((float)sum), off[m]);
-    }
+    for (int m = 0; m < MM; m++) off[m] = _mm512_fmadd_ps(zs, _mm512_set1_ps(sxg[g * MM + m]), off[m]);
 }
 
 // the 8-row tiles b0 .. b0 + tiles - 1 in pairs, group by group ("units": one group of one pair), the pairs of a
@@ -1016,7 +1014,7 @@ ALWAYS void amx_int4_combine(const int32_t *cb, const double *sxt, const uint16_
 // stored one unit late and combined two units late: read back at once, the vector loads waited on the tile store
 // (5-10 % of the GEMV). Each pair's groups are combined in order and every activation row's lanes see the same
 // operations in the same order at any M and batch, so a row gets the same bits alone or beside others.
-AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const double *sxt, const int *shift, const uint8_t *p,
+AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const float *sxg, const int *shift, const uint8_t *p,
                                 const uint16_t *sz, void *y, int yb, int64_t N, int64_t K, int64_t gs, int64_t b0,
                                 int tiles, const int MM) {
     __attribute__((aligned(64))) int32_t cbs[2][16 * 16];
@@ -1034,8 +1032,8 @@ AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const double *sxt, const int *
     int64_t C = K / 128, G = K / gs, cpg = gs / 128, rowbytes = 16 * MM, steps = G * S * cpg, units = G * S;
     i4_step unpack = {0, 0, 0}, ahead = {0, 0, 0}, dots = {0, 0, 0};
     for (int64_t s = 0; s < I4_L1_AHEAD; s++) i4_advance(&ahead, cpg, S);
-#define I4_COMBINE(H) amx_int4_combine(cbs[(H) & 1], sxt, sz, tot[(H) % S], off[(H) % S], row, b0 + 2 * ((H) % S), \
-                                       (H) / S, G, gs, 2 * ((H) % S) + 1 < tiles, MM)
+#define I4_COMBINE(H) amx_int4_combine(cbs[(H) & 1], sxg, sz, tot[(H) % S], off[(H) % S], row, b0 + 2 * ((H) % S), \
+                                       (H) / S, G, 2 * ((H) % S) + 1 < tiles, MM)
     for (int64_t s = 0; s < steps + I4_LEAD; s++) {
         if (s < steps) {                                     // unpack step s
             const uint8_t *t0 = i4_codes(p, &unpack, b0, C, cpg);
@@ -1104,22 +1102,31 @@ AMXI void grace_amx_gemv_int4_many(const uint16_t *x, const uint8_t *const *ps, 
     int64_t batches = batch_table(Ns, count, 2 * S, firstb);
     int8_t *xd = (int8_t *)aligned_alloc(64, (size_t)(C * 2 * 16 * 16 * M));
     double *sxt = (double *)malloc(sizeof(double) * C * 2 * M);
+    float *sxg = (float *)malloc(sizeof(float) * (K / gs) * M);
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < C; c++) amx_digit_chunk_int4(x, shift, M, K, c, xd, sxt);
+#pragma omp for schedule(static)
+        for (int64_t gm = 0; gm < K / gs * M; gm++) {     // each group's sum of X, exact in double, then rounded
+            int64_t g = gm / M, m = gm % M;
+            double sum = 0;
+            for (int64_t t = g * gs / 64; t < (g + 1) * gs / 64; t++) sum += sxt[t * M + m];
+            sxg[gm] = (float)sum;
+        }
         amx_gemv4_begin(M);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < batches; i++) {
             int w = weight_of(firstb, i);
             int64_t N = Ns[w], b = (i - firstb[w]) * 2 * S, left = N / 8 - b;
-#define AMX_I4_CALL(T) amx_int4_tiles(xd, sxt, shift, ps[w], szs[w], ys[w], yb, N, K, gs, b, (int)(left < 2 * S ? left : 2 * S), T)
+#define AMX_I4_CALL(T) amx_int4_tiles(xd, sxg, shift, ps[w], szs[w], ys[w], yb, N, K, gs, b, (int)(left < 2 * S ? left : 2 * S), T)
             FOR_M(M, AMX_I4_CALL);
         }
         amx_end();
     }
     free(xd);
     free(sxt);
+    free(sxg);
 }
 void grace_amx_gemv_int4(const uint16_t *x, const uint8_t *p, const uint16_t *sz, void *y, int64_t M, int64_t N,
                          int64_t K, int64_t gs, int nt, int yb) {
