@@ -819,7 +819,7 @@ AMXI ALWAYS void amx_int8_tiles(const int8_t *xd, const int *shift, const int8_t
     amx_lane_rows(row, 2 * MM, MM);
     for (int v = 0; v < 2 * MM; v++)
         for (int i = 0; i < S; i++) tot[i][v] = _mm512_setzero_ps();
-    int64_t G = K / gs, rowbytes = 16 * MM, units = G * S, ahead = L2_AHEAD_BYTES / S;
+    int64_t G = K / gs, rowbytes = 16 * MM, units = G * S;
 #define I8_COMBINE(H) amx_combine(cbs[(H) & 1], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(             \
         _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(s + ((b0 + (H) % S) * G + (H) / S) * 8)))), 16)), \
         tot[(H) % S], row, 2 * MM)
@@ -827,9 +827,10 @@ AMXI ALWAYS void amx_int8_tiles(const int8_t *xd, const int *shift, const int8_t
         if (u < units) {
             int64_t g = u / S;
             const int8_t *codes = q + ((b0 + u % S) * G + g) * 8 * gs;
-            for (int64_t o = 0; o < 8 * gs; o += 64) _mm_prefetch((const char *)(codes + ahead + o), _MM_HINT_T1);
-            if (u + 2 < units) {       // into L1 two units ahead: a tile load whose rows miss L1 waits on them
-                const int8_t *next = q + ((b0 + (u + 2) % S) * G + (u + 2) / S) * 8 * gs;
+            // into L1 four units ahead (a tile load whose rows miss L1 waits on them); none into L2: the hardware's
+            // streams do that, and L2_AHEAD_BYTES / S ahead in software was 4-16 % slower on the AMX guest
+            if (u + 4 < units) {
+                const int8_t *next = q + ((b0 + (u + 4) % S) * G + (u + 4) / S) * 8 * gs;
                 for (int64_t o = 0; o < 8 * gs; o += 64) _mm_prefetch((const char *)(next + o), _MM_HINT_T0);
             }
             AMX_PARITY(u & 1, AMX_ZERO);
@@ -913,8 +914,8 @@ void grace_amx_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *s, 
 // 2 threads): 1.0-1.2x at one row, 1.1x at two, 1.9x at four.
 #define I4_LEAD 2             // steps between a step's unpacking and its dot products (4 buffers)
 #define I4_BUFS 4
-#define I4_L1_AHEAD 2         // codes prefetched into L1 this many steps before they are unpacked
-#define I4_L2_AHEAD 16384     // ... and into L2 this many bytes ahead in each of a batch's streams
+#define I4_L1_AHEAD 4         // codes prefetched into L1 this many steps before they are unpacked; none into L2:
+                              // the hardware's streams do that, and 16 KB ahead in software was 2-15 % slower
 
 AMXI static void amx_gemv4_begin(int64_t M) {
     amx_config c;
@@ -1038,10 +1039,6 @@ AMXI ALWAYS void amx_int4_tiles(const int8_t *xd, const float *sxg, const int *s
         if (s < steps) {                                     // unpack step s
             const uint8_t *t0 = i4_codes(p, &unpack, b0, C, cpg);
             const uint8_t *t1 = 2 * unpack.pair + 1 < tiles ? t0 + C * 512 : NULL;
-            for (int o = 0; o < 512; o += 64) {
-                _mm_prefetch((const char *)(t0 + I4_L2_AHEAD + o), _MM_HINT_T1);
-                if (t1) _mm_prefetch((const char *)(t1 + I4_L2_AHEAD + o), _MM_HINT_T1);
-            }
             if (s + I4_L1_AHEAD < steps) {
                 const uint8_t *n0 = i4_codes(p, &ahead, b0, C, cpg);
                 int n1 = 2 * ahead.pair + 1 < tiles;
